@@ -1,0 +1,29 @@
+# The two commands a new user needs: `make demo` and `make test`.
+# Both set everything up first (scripts/bootstrap.sh: Debian packages when root, .venv, the project).
+.PHONY: install install-test demo test bench lint clean
+
+install:
+	bash scripts/bootstrap.sh demo
+
+install-test:
+	bash scripts/bootstrap.sh test
+
+demo: install
+	.venv/bin/fedsilo demo
+
+# Lint first (as the README says), then the whole suite; the target fails when either fails, and when
+# the lint passes its status is pytest's.
+test: install-test
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+	.venv/bin/pytest -q
+
+bench: install
+	.venv/bin/python -m bench
+
+lint: install-test
+	.venv/bin/ruff check .
+	.venv/bin/mypy
+
+clean:
+	rm -rf demo-output .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""The per-hospital agent: verify, check, train, privatize, send through the egress gate."""

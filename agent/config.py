@@ -1,0 +1,41 @@
+"""Agent configuration: who this site is, its policy, which broker and aggregator it talks to, whose
+signature it trusts. What the site allows lives in the policy file, not here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import AnyHttpUrl, Field
+
+from federation.jobs import SiteName
+from federation.schema import Frozen
+from federation.transport import BrokerConfig, TLSConfig
+
+
+class AgentConfig(Frozen):
+    site: SiteName
+    policy_file: Path
+    # The aggregator's Ed25519 job-signing public key: offers and tasks not signed by it are refused.
+    aggregator_public_key: Path
+    # CA of the aggregator's and broker's certificates, and this site's client certificate and key.
+    tls: TLSConfig
+    broker: BrokerConfig = BrokerConfig(port=8883)
+    aggregator_url: AnyHttpUrl = AnyHttpUrl("https://127.0.0.1:8443")
+    state_dir: Path = Path("/var/fedsilo/agent")
+    heartbeat_s: float = Field(default=10.0, gt=0)
+    # Liveness, readiness and Prometheus metrics for the hospital's own cluster (None: off).
+    status_host: str = "0.0.0.0"
+    status_port: int | None = Field(default=9100, ge=0, le=65535)
+    torch_threads: int = Field(default=1, ge=1, le=64)
+    log_json: bool | None = None
+
+    @property
+    def audit_log(self) -> Path:
+        return self.state_dir / "audit.log"
+
+    @classmethod
+    def load(cls, path: Path) -> AgentConfig:
+        data: Any = yaml.safe_load(path.read_text()) or {}
+        return cls.model_validate(data)

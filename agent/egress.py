@@ -1,0 +1,156 @@
+"""The egress gate: the only code path by which bytes leave the agent.
+
+HTTP goes only to the configured aggregator, over mutual TLS, and only if its host:port is on the policy's
+allowlist; uploads must be `PrivatizedUpdate`s made by the privacy engine and fit the per-round size limit;
+metrics leave only if the policy allows each one and they aggregate at least `min_records_per_metric`
+records. MQTT carries only this site's status and job answers. Every refusal is audited.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import structlog
+
+from agent.audit import AuditLog
+from agent.policy import EgressPolicy, endpoint_of
+from agent.privacy import PrivatizedUpdate
+from federation import topics
+from federation.messages import (
+    ENVELOPE_HEADER,
+    EvalMetrics,
+    EvaluationReport,
+    SiteEvent,
+    SiteStatus,
+    blob_path,
+    canonical_json,
+    evaluation_path,
+    update_path,
+)
+from federation.mqtt import MqttLink
+from federation.tensors import sha256_hex
+from federation.transport import TLSConfig
+
+log = structlog.get_logger(__name__)
+
+
+class EgressRefusedError(Exception):
+    """The gate refused to send: what was asked is not an allowed release."""
+
+
+class UploadRejectedError(Exception):
+    """The aggregator answered 4xx: retrying the same bytes cannot succeed."""
+
+    def __init__(self, status: int, code: str, detail: str) -> None:
+        super().__init__(f"{status} {code}: {detail}")
+        self.status, self.code, self.detail = status, code, detail
+
+
+class EgressGate:
+    def __init__(
+        self, site: str, aggregator_url: str, tls: TLSConfig, link: MqttLink, policy: EgressPolicy,
+        audit: AuditLog,
+        on_refusal: Callable[[str], None] | None = None,
+    ) -> None:
+        self._site = site
+        self._base = aggregator_url.rstrip("/")
+        self._endpoint = endpoint_of(self._base)
+        self._ssl: ssl.SSLContext = tls.client_context()
+        self._link = link
+        self._policy = policy
+        self._audit = audit
+        self._on_refusal = on_refusal
+        self._session: aiohttp.ClientSession | None = None
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(ssl=self._ssl, limit=4, keepalive_timeout=300)
+        self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60))
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    def _refuse(self, what: str, reason: str, **detail: Any) -> EgressRefusedError:
+        self._audit.append("egress_refused", what=what, reason=reason, **detail)
+        if self._on_refusal is not None:
+            self._on_refusal(what)
+        log.warning("egress_refused", what=what, reason=reason, **detail)
+        return EgressRefusedError(reason)
+
+    # ---------------------------------------------------------------- MQTT
+    def publish_status(self, status: SiteStatus) -> None:
+        if status.site != self._site:
+            raise self._refuse("status", "status for another site", claimed=status.site)
+        self._link.publish(topics.status(self._site), canonical_json(status), retain=True)
+
+    def publish_event(self, event: SiteEvent) -> None:
+        if event.site != self._site:
+            raise self._refuse("event", "event for another site", claimed=event.site)
+        self._link.publish(topics.events(self._site), canonical_json(event))
+
+    # ---------------------------------------------------------------- checks
+    def check_metrics(self, evaluation: EvalMetrics | None, job_id: str) -> None:
+        if evaluation is None:
+            return
+        present = [name for name in ("auc", "loss") if getattr(evaluation, name) is not None]
+        self.check_metric_names(present, job_id)
+        if present and evaluation.n < self._policy.min_records_per_metric:
+            raise self._refuse("metrics", f"metrics over {evaluation.n} records; the policy requires at least "
+                               f"{self._policy.min_records_per_metric}", job=job_id)
+
+    def check_metric_names(self, names: list[str], job_id: str) -> None:
+        bad = [n for n in names if n not in self._policy.allowed_metrics]
+        if bad:
+            raise self._refuse("metrics", f"metric(s) {bad} are not allowed to leave", job=job_id)
+
+    # ---------------------------------------------------------------- HTTP
+    async def fetch_model(self, sha: str) -> bytes:
+        """Download a global model and verify it is the one the signed task named."""
+        body = await self._request("GET", blob_path(sha))
+        if sha256_hex(body) != sha:
+            raise ValueError(f"model {sha[:12]}… failed its hash check")
+        return body
+
+    async def send_update(self, update: PrivatizedUpdate) -> bytes:
+        if not isinstance(update, PrivatizedUpdate):
+            raise self._refuse("update", "only privatized updates may be uploaded", type=type(update).__name__)
+        limit = self._policy.max_upload_bytes_per_round
+        if len(update.payload) > limit:
+            raise self._refuse("update", f"update of {len(update.payload)} bytes exceeds the {limit}-byte limit",
+                               job=update.job_id, round=update.round)
+        self.check_metrics(update.envelope.evaluation, update.job_id)
+        headers = {ENVELOPE_HEADER: update.envelope.model_dump_json(), "Content-Type": "application/octet-stream"}
+        return await self._request("POST", update_path(update.job_id, update.round), update.payload, headers)
+
+    async def send_evaluation(self, report: EvaluationReport) -> bytes:
+        if report.site != self._site:
+            raise self._refuse("evaluation", "evaluation for another site", claimed=report.site)
+        self.check_metrics(report.evaluation, report.job_id)
+        body = canonical_json(report)
+        headers = {"Content-Type": "application/json"}
+        return await self._request("POST", evaluation_path(report.job_id, report.round), body, headers)
+
+    async def _request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> bytes:
+        if self._endpoint not in self._policy.allowed_endpoints:
+            raise self._refuse("http", f"endpoint {self._endpoint} is not on the egress allowlist", path=path)
+        assert self._session is not None, "EgressGate.start() was not called"
+        async with self._session.request(method, self._base + path, data=body, headers=headers) as resp:
+            data = await resp.read()
+            self.bytes_sent += len(body or b"")
+            self.bytes_received += len(data)
+            if 400 <= resp.status < 500:
+                try:
+                    err = await resp.json(content_type=None)
+                    code, detail = str(err.get("error")), str(err.get("detail"))
+                except (ValueError, AttributeError):
+                    code, detail = "http_error", data[:200].decode(errors="replace")
+                raise UploadRejectedError(resp.status, code, detail)
+            resp.raise_for_status()
+            return data

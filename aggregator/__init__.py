@@ -1,0 +1,1 @@
+"""The aggregator service: API, round engine, aggregation, persistence, metrics."""

@@ -1,0 +1,279 @@
+"""The aggregator's HTTP API (aiohttp): job submission and status for operators, model download and
+update/evaluation upload for agents, `/metrics` for Prometheus.
+
+Every refused upload is answered with a reason code and a sentence, counted, logged and stored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+import yaml
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from aggregator.auth import Identity, OperatorToken, Role, certificate_identity, operator_identity
+from aggregator.blobs import BlobStore
+from aggregator.engine import RoundEngine
+from aggregator.metrics import AggregatorMetrics
+from aggregator.report import job_summary
+from aggregator.store import StateStore
+from aggregator.validation import Rejection
+from federation.jobs import JobSpec
+from federation.messages import ENVELOPE_HEADER, EvaluationReport, UpdateEnvelope
+
+log = structlog.get_logger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+ENGINE: web.AppKey[RoundEngine] = web.AppKey("engine", RoundEngine)
+STORE: web.AppKey[StateStore] = web.AppKey("store", StateStore)
+BLOBS: web.AppKey[BlobStore] = web.AppKey("blobs", BlobStore)
+METRICS: web.AppKey[AggregatorMetrics] = web.AppKey("metrics", AggregatorMetrics)
+MAX_UPLOAD: web.AppKey[int] = web.AppKey("max_upload", int)
+TOKENS: web.AppKey[tuple[OperatorToken, ...]] = web.AppKey("tokens", tuple)
+OPERATOR = "fedsilo.operator"
+routes = web.RouteTableDef()
+
+
+def error(status: int, code: str, detail: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": code, "detail": detail, **extra}, status=status)
+
+
+def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
+    return [{"field": ".".join(str(p) for p in e["loc"]) or "(job)", "message": e["msg"]} for e in exc.errors()]
+
+
+def authorize(request: web.Request, role: str) -> Identity | Rejection:
+    """Sites are identified only by their TLS client certificate, never by headers or bodies."""
+    who = certificate_identity(request)
+    if who is None:
+        return Rejection("no_identity", "a client certificate issued by the federation CA is required", 401)
+    if who.role != role:
+        return Rejection("wrong_role", f"{who.name!r} is a {who.role}; this endpoint is for a {role}", 403)
+    return who
+
+
+def operator(role: Role) -> Callable[[Handler], Handler]:
+    """Operator endpoints: `viewer` may read, `admin` may also change jobs."""
+
+    def decorate(handler: Handler) -> Handler:
+        async def wrapped(request: web.Request) -> web.StreamResponse:
+            who = operator_identity(request, request.app[TOKENS])
+            if who is None:
+                cert = certificate_identity(request)
+                if cert is not None:
+                    return error(403, "wrong_role", f"{cert.name!r} is a {cert.role}; operators only")
+                return error(401, "no_identity", "an operator certificate or bearer token is required")
+            if role == "admin" and who.role != "admin":
+                return error(403, "wrong_role", f"{who.name!r} is a {who.role}; this needs an admin")
+            request[OPERATOR] = who
+            return await handler(request)
+
+        return wrapped
+
+    return decorate
+
+
+async def reject(
+    request: web.Request, r: Rejection, site: str | None, job_id: str | None, rnd: int | None
+) -> web.Response:
+    app = request.app
+    app[METRICS].updates_rejected.labels(site or "unknown", r.reason).inc()
+    await app[ENGINE].db(app[STORE].add_rejection, job_id, rnd, site, r.reason, r.detail, time.time())
+    log.warning("upload_rejected", job=job_id, round=rnd, site=site, reason=r.reason, detail=r.detail)
+    return error(r.status, r.reason, r.detail)
+
+
+# ---------------------------------------------------------------- operators
+@routes.post("/api/v1/jobs")
+@operator("admin")
+async def submit_job(request: web.Request) -> web.Response:
+    text = await request.text()
+    try:
+        data = json.loads(text) if request.content_type == "application/json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        return error(400, "unparseable_job", f"the body is not valid JSON/YAML: {exc}")
+    if not isinstance(data, dict):
+        return error(400, "invalid_job", "a job must be a mapping", errors=[])
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        errors = validation_errors(exc)
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return error(400, "invalid_job", detail, errors=errors)
+    job_id = await request.app[ENGINE].submit(spec, requester=request[OPERATOR].name)
+    return web.json_response({"job_id": job_id, "state": "offered"}, status=201)
+
+
+@routes.get("/api/v1/jobs")
+@operator("viewer")
+async def list_jobs(request: web.Request) -> web.Response:
+    app = request.app
+    jobs = await app[ENGINE].db(app[STORE].list_jobs, None)
+    return web.json_response([
+        {"job_id": j.job_id, "name": j.spec.name, "state": j.state, "round": min(j.round, j.spec.rounds),
+         "rounds": j.spec.rounds, "reason": j.reason, "created_at": j.created_at}
+        for j in jobs
+    ])
+
+
+@routes.get("/api/v1/jobs/{job_id}")
+@operator("viewer")
+async def get_job(request: web.Request) -> web.Response:
+    app = request.app
+    summary = await app[ENGINE].db(job_summary, app[STORE], request.match_info["job_id"])
+    if summary is None:
+        return error(404, "unknown_job", f"no job {request.match_info['job_id']!r}")
+    return web.json_response(summary)
+
+
+@routes.post("/api/v1/jobs/{job_id}/cancel")
+@operator("admin")
+async def cancel_job(request: web.Request) -> web.Response:
+    try:
+        await request.app[ENGINE].cancel(request.match_info["job_id"])
+    except KeyError:
+        return error(409, "job_not_running", "no running job with that id")
+    return web.json_response({"job_id": request.match_info["job_id"], "state": "cancelled"})
+
+
+@routes.post("/api/v1/jobs/{job_id}/pause")
+@operator("admin")
+async def pause_job(request: web.Request) -> web.Response:
+    try:
+        await request.app[ENGINE].pause(request.match_info["job_id"])
+    except KeyError:
+        return error(409, "job_not_running", "no running job with that id")
+    return web.json_response({"job_id": request.match_info["job_id"], "paused": True})
+
+
+@routes.post("/api/v1/jobs/{job_id}/resume")
+@operator("admin")
+async def resume_job(request: web.Request) -> web.Response:
+    try:
+        await request.app[ENGINE].resume(request.match_info["job_id"])
+    except KeyError:
+        return error(409, "job_not_running", "no running job with that id")
+    return web.json_response({"job_id": request.match_info["job_id"], "paused": False})
+
+
+@routes.get("/api/v1/jobs/{job_id}/model")
+@operator("viewer")
+async def final_model(request: web.Request) -> web.Response:
+    app = request.app
+    job = await app[ENGINE].db(app[STORE].get_job, request.match_info["job_id"])
+    if job is None:
+        return error(404, "unknown_job", "no such job")
+    body = await app[ENGINE].db(app[BLOBS].get, job.model_sha)
+    return web.Response(body=body, content_type="application/octet-stream",
+                        headers={"X-Fedsilo-Sha256": job.model_sha})
+
+
+@routes.get("/api/v1/sites")
+@operator("viewer")
+async def sites(request: web.Request) -> web.Response:
+    app = request.app
+    return web.json_response(await app[ENGINE].db(app[STORE].sites))
+
+
+@routes.get("/api/v1/rejections")
+@operator("viewer")
+async def rejections(request: web.Request) -> web.Response:
+    app = request.app
+    return web.json_response(await app[ENGINE].db(app[STORE].rejections, request.query.get("job_id"), 1000))
+
+
+# ---------------------------------------------------------------- agents
+@routes.get("/api/v1/blobs/{sha}")
+async def get_blob(request: web.Request) -> web.Response:
+    """Global models only, to sites only: no one reads a site's update."""
+    app, sha = request.app, request.match_info["sha"]
+    who = authorize(request, "site")
+    if isinstance(who, Rejection):
+        return error(who.status, who.reason, who.detail)
+    if not await app[ENGINE].db(app[STORE].is_model, sha):
+        return error(404, "unknown_model", "no global model with that hash")
+    body = await app[ENGINE].db(app[BLOBS].get, sha)
+    app[METRICS].bytes_sent.inc(len(body))
+    return web.Response(body=body, content_type="application/octet-stream")
+
+
+@routes.post("/api/v1/jobs/{job_id}/rounds/{round}/update")
+async def upload_update(request: web.Request) -> web.Response:
+    app = request.app
+    who = authorize(request, "site")
+    job_id, rnd = request.match_info["job_id"], _int(request.match_info["round"])
+    if isinstance(who, Rejection):
+        return await reject(request, who, None, job_id, rnd)
+    site = who.name
+    with structlog.contextvars.bound_contextvars(job=job_id, round=rnd, site=site):
+        if request.content_length is not None and request.content_length > app[MAX_UPLOAD]:
+            return await reject(
+                request, Rejection("too_large", f"body over {app[MAX_UPLOAD]} bytes", 413), site, job_id, rnd
+            )
+        try:
+            env = UpdateEnvelope.model_validate_json(request.headers.get(ENVELOPE_HEADER, ""))
+        except ValidationError as exc:
+            detail = "; ".join(f"{e['field']}: {e['message']}" for e in validation_errors(exc))
+            return await reject(request, Rejection("malformed_envelope", detail), site, job_id, rnd)
+        if env.site != site:
+            r = Rejection("identity_mismatch", f"authenticated as {site!r} but the envelope says {env.site!r}", 403)
+            return await reject(request, r, site, job_id, rnd)
+        if (env.job_id, env.round) != (job_id, rnd):
+            r = Rejection("envelope_mismatch", "the envelope's job/round differ from the URL's")
+            return await reject(request, r, site, job_id, rnd)
+        body = await request.read()
+        app[METRICS].bytes_received.inc(len(body))
+        try:
+            ack = await app[ENGINE].receive_update(site, env, body)
+        except Rejection as r:
+            return await reject(request, r, site, job_id, rnd)
+        return web.json_response(ack)
+
+
+@routes.post("/api/v1/jobs/{job_id}/rounds/{round}/evaluation")
+async def upload_evaluation(request: web.Request) -> web.Response:
+    app = request.app
+    who = authorize(request, "site")
+    job_id, rnd = request.match_info["job_id"], _int(request.match_info["round"])
+    if isinstance(who, Rejection):
+        return await reject(request, who, None, job_id, rnd)
+    site = who.name
+    with structlog.contextvars.bound_contextvars(job=job_id, round=rnd, site=site):
+        try:
+            report = EvaluationReport.model_validate_json(await request.read())
+        except ValidationError as exc:
+            detail = "; ".join(f"{e['field']}: {e['message']}" for e in validation_errors(exc))
+            return await reject(request, Rejection("malformed_evaluation", detail), site, job_id, rnd)
+        if report.site != site or (report.job_id, report.round) != (job_id, rnd):
+            r = Rejection("identity_mismatch", "the report's site/job/round differ from the caller's", 403)
+            return await reject(request, r, site, job_id, rnd)
+        try:
+            return web.json_response(await app[ENGINE].receive_evaluation(site, report))
+        except Rejection as r:
+            return await reject(request, r, site, job_id, rnd)
+
+
+# ---------------------------------------------------------------- operations
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise web.HTTPBadRequest(text=json.dumps({"error": "bad_round", "detail": "round must be an integer"}),
+                                 content_type="application/json") from None

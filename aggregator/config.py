@@ -1,0 +1,40 @@
+"""Aggregator configuration (YAML file or defaults): where it listens, keeps state, and finds the broker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field
+
+from aggregator.auth import OperatorToken
+from aggregator.tracking.config import TrackingConfig
+from federation.schema import Frozen
+from federation.transport import BrokerConfig, TLSConfig
+
+
+class AggregatorConfig(Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8443, ge=0, le=65535)
+    state_url: str = "sqlite:///var/fedsilo/aggregator/state.db"
+    blob_url: str = "file:///var/fedsilo/aggregator/blobs"
+    report_dir: Path = Path("/var/fedsilo/aggregator/reports")
+    broker: BrokerConfig = BrokerConfig(port=8883)
+    # Server certificate and key, and the CA that site and operator client certificates must chain to.
+    # Also used to connect to the broker unless `broker.tls` is given. Required to serve.
+    tls: TLSConfig | None = None
+    # Ed25519 key every job offer and round task is signed with; sites pin its public half.
+    signing_key: Path | None = None
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    tracking: TrackingConfig = TrackingConfig()
+    # Operator bearer tokens (sha256 only) for the console and scripts; operator certificates also work.
+    operators: tuple[OperatorToken, ...] = ()
+    log_json: bool | None = None
+
+    @classmethod
+    def load(cls, path: Path | None) -> AggregatorConfig:
+        if path is None:
+            return cls()
+        data: Any = yaml.safe_load(path.read_text()) or {}
+        return cls.model_validate(data)

@@ -1,0 +1,44 @@
+"""Prometheus metrics of the aggregator, on a registry of its own (so several services can share a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class AggregatorMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.rounds_completed = Counter(
+            "fedsilo_rounds_completed", "Training rounds finalized.", ["job"], registry=r
+        )
+        self.round_duration = Histogram(
+            "fedsilo_round_duration_seconds", "Time from a round's task to its finalization.", ["kind"],
+            buckets=(0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900), registry=r,
+        )
+        self.updates_received = Counter(
+            "fedsilo_updates_received", "Updates accepted and stored.", ["site"], registry=r
+        )
+        self.updates_rejected = Counter(
+            "fedsilo_updates_rejected", "Uploads refused, by reason.", ["site", "reason"], registry=r
+        )
+        self.sites_online = Gauge("fedsilo_sites_online", "Sites whose agent is connected.", registry=r)
+        self.global_auc = Gauge(
+            "fedsilo_global_validation_auc", "Sample-weighted validation AUC of the latest global model.",
+            ["job"], registry=r,
+        )
+        self.global_loss = Gauge(
+            "fedsilo_global_validation_loss", "Sample-weighted validation loss of the latest global model.",
+            ["job"], registry=r,
+        )
+        self.site_epsilon = Gauge(
+            "fedsilo_site_epsilon", "Privacy loss ε a site reports having spent on a job.", ["job", "site"],
+            registry=r,
+        )
+        self.bytes_received = Counter(
+            "fedsilo_http_received_bytes", "Request body bytes received over HTTP.", registry=r
+        )
+        self.bytes_sent = Counter("fedsilo_http_sent_bytes", "Response body bytes sent over HTTP.", registry=r)
+        self.jobs = Gauge("fedsilo_jobs", "Jobs by state.", ["state"], registry=r)
+        self.site_refusals = Counter(
+            "fedsilo_job_refusals", "Job offers a site refused.", ["site"], registry=r
+        )

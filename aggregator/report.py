@@ -1,0 +1,137 @@
+"""A job's summary (served by the API) and its report on disk: metrics JSON/CSV, a PNG plot, the final model."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from aggregator.blobs import BlobStore
+from aggregator.engine import weighted
+from aggregator.store import StateStore
+
+
+def job_summary(store: StateStore, job_id: str) -> dict[str, Any] | None:
+    """Everything an operator sees about a job. History entry r describes global model version r
+    (version 0 is the initial model), evaluated by the sites on their validation splits."""
+    job = store.get_job(job_id)
+    if job is None:
+        return None
+    rounds = {r.round: r for r in store.rounds(job_id)}
+    evals = store.evaluations(job_id)
+    decisions = store.decisions(job_id)
+    epsilon: dict[str, float | None] = {}
+    training = []
+    for r in sorted(rounds):
+        ups = store.updates(job_id, r)
+        for u in ups:
+            epsilon[u.site] = u.epsilon
+        if ups:
+            training.append({"round": r, "sites": {
+                u.site: {"train_loss": u.train_loss, "num_samples": u.num_samples, "epsilon": u.epsilon,
+                         "share_tracking": u.share_tracking} for u in ups}})
+    history = []
+    for version in sorted(set(evals) | {r for r in rounds if rounds[r].kind == "train"}):
+        rnd = rounds.get(version)
+        per_site = evals.get(version, {})
+        g = weighted(per_site) if per_site else None
+        nxt = rounds.get(version + 1)
+        history.append({
+            "round": version,
+            # Model version r is evaluated with round r+1's updates (or by the final evaluation round):
+            # its metrics are complete once that round has closed.
+            "complete": nxt is not None and nxt.state == "closed",
+            "sites_reporting": rnd.n_sites if rnd else None,
+            "samples": rnd.n_samples if rnd else None,
+            "train_loss": rnd.train_loss if rnd else None,
+            "duration_s": (rnd.closed_at - rnd.started_at) if rnd and rnd.closed_at else None,
+            "global": g.model_dump() if g else None,
+            "sites": {s: m.model_dump() for s, m in per_site.items()},
+        })
+    return {
+        "job_id": job.job_id,
+        "name": job.spec.name,
+        "state": job.state,
+        "paused": job.paused,
+        "reason": job.reason,
+        "requester": job.requester,
+        "round": min(job.round, job.spec.rounds),
+        "rounds": job.spec.rounds,
+        "min_sites": job.spec.min_sites,
+        "model_sha256": job.model_sha,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+        "sites": {
+            d.site: {"decision": d.decision, "reasons": d.reasons, "epsilon": epsilon.get(d.site)}
+            for d in decisions
+        },
+        "history": history,
+        # Per training round, what each site reported with its update (local training loss, sample count, ε).
+        "training": training,
+        "rejections": store.rejections(job_id, limit=100),
+        "spec": job.spec.model_dump(mode="json"),
+    }
+
+
+def write_report(store: StateStore, blobs: BlobStore, job_id: str, out_root: Path) -> Path:
+    """Write `<out_root>/<job_id>/` with metrics.json, metrics.csv, metrics.png and model.safetensors."""
+    summary = job_summary(store, job_id)
+    if summary is None:
+        raise KeyError(job_id)
+    out = out_root / job_id
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / "metrics.json", json.dumps(summary, indent=2).encode())
+    rows = []
+    for h in summary["history"]:
+        scopes = [("global", h["global"])] if h["global"] else []
+        scopes += list(h["sites"].items())
+        for scope, m in scopes:
+            rows.append({
+                "round": h["round"], "scope": scope, "auc": m["auc"], "loss": m["loss"], "n": m["n"],
+                "train_loss": h["train_loss"] if scope == "global" else None,
+            })
+    tmp = out / "metrics.csv.tmp"
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["round", "scope", "auc", "loss", "n", "train_loss"])
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, out / "metrics.csv")
+    _plot(summary, out / "metrics.png")
+    _atomic_write(out / "model.safetensors", blobs.get(summary["model_sha256"]))
+    return out
+
+
+def _plot(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hist = [h for h in summary["history"] if h["global"]]
+    fig, (ax_auc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    sites = sorted({s for h in hist for s in h["sites"]})
+    for site in sites:
+        pts = [(h["round"], h["sites"][site]) for h in hist if site in h["sites"]]
+        ax_auc.plot([r for r, _ in pts], [m["auc"] for _, m in pts], alpha=0.5, label=site)
+        ax_loss.plot([r for r, _ in pts], [m["loss"] for _, m in pts], alpha=0.5, label=site)
+    rounds = [h["round"] for h in hist]
+    ax_auc.plot(rounds, [h["global"]["auc"] for h in hist], "k-o", lw=2, label="global (weighted mean)")
+    ax_loss.plot([h["round"] for h in hist], [h["global"]["loss"] for h in hist], "k-o", lw=2, label="global")
+    ax_auc.set(title="Validation AUC per round", xlabel="round (global model version)", ylabel="AUC")
+    ax_loss.set(title="Validation loss per round", xlabel="round (global model version)", ylabel="BCE loss")
+    ax_auc.legend(fontsize=8)
+    ax_auc.grid(alpha=0.3)
+    ax_loss.grid(alpha=0.3)
+    fig.suptitle(f"{summary['name']} ({summary['job_id']})")
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".tmp.png"), dpi=100)
+    plt.close(fig)
+    os.replace(path.with_suffix(".tmp.png"), path)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

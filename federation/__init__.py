@@ -1,0 +1,1 @@
+"""The shared contract between aggregator and agents. Imports neither side."""

@@ -1,0 +1,119 @@
+"""The job specification an operator submits: what to train, on which declared data, how privately."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field, field_validator, model_validator
+
+from federation.models import registered_models
+from federation.schema import FeatureSchema, Frozen
+
+SiteName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9\-]{0,62}$")]
+
+
+class ModelRef(Frozen):
+    """A registered model, by name. A job never carries code: both sides build it from the registry."""
+
+    name: str
+    hidden: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(default_factory=list, max_length=8)
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        if name not in registered_models():
+            raise ValueError(f"model {name!r} is not registered; registered: {sorted(registered_models())}")
+        return name
+
+    @model_validator(mode="after")
+    def _shape(self) -> ModelRef:
+        if self.name == "logreg" and self.hidden:
+            raise ValueError("logreg takes no hidden layers")
+        return self
+
+
+class Hyperparameters(Frozen):
+    epochs: int = Field(default=1, ge=1, le=1000)
+    # Optional cap on optimizer steps per round; None trains `epochs` full passes.
+    max_steps: int | None = Field(default=None, ge=1, le=1_000_000)
+    learning_rate: float = Field(default=0.05, gt=0, le=10)
+    batch_size: int = Field(default=32, ge=1, le=100_000)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
+    momentum: float = Field(default=0.0, ge=0, lt=1)
+
+
+class PrivacySpec(Frozen):
+    """Update-level DP always applies: each site's round delta is clipped to `clip_norm` and noised with
+    std σ·C. `unit: record` adds DP-SGD during local training (per-example clipping to `record_clip_norm`,
+    noise `record_noise_multiplier`), and the ε accounted is then the record-level one."""
+
+    clip_norm: float = Field(gt=0, le=1e6)
+    noise_multiplier: float = Field(ge=0, le=1e4)
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    # Noise-free training leaks the raw update: only allowed when the job says so in so many words.
+    allow_no_noise: bool = False
+    unit: Literal["site", "record"] = "site"
+    record_clip_norm: float | None = Field(default=None, gt=0, le=1e6)
+    record_noise_multiplier: float | None = Field(default=None, gt=0, le=1e4)
+
+    @model_validator(mode="after")
+    def _noise_explicit(self) -> PrivacySpec:
+        if self.noise_multiplier == 0 and not self.allow_no_noise:
+            raise ValueError("noise_multiplier 0 disables privacy; set allow_no_noise: true to mean it")
+        if self.unit == "record" and (self.record_clip_norm is None or self.record_noise_multiplier is None):
+            raise ValueError("unit: record needs record_clip_norm and record_noise_multiplier")
+        if self.unit == "site" and (self.record_clip_norm is not None or self.record_noise_multiplier is not None):
+            raise ValueError("record_clip_norm / record_noise_multiplier apply only with unit: record")
+        return self
+
+
+class DataRef(Frozen):
+    """Which dataset the job asks each site for, by the name the sites register it under."""
+
+    name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,62}$")]
+    validation_fraction: float = Field(default=1 / 3, gt=0, lt=1)
+    split_seed: int = 42
+
+
+class JobSpec(Frozen):
+    name: Annotated[str, Field(min_length=1, max_length=128)]
+    purpose: Annotated[str, Field(min_length=1, max_length=256)] = "research"
+    dataset: DataRef
+    features: FeatureSchema
+    model: ModelRef
+    hyperparameters: Hyperparameters = Hyperparameters()
+    privacy: PrivacySpec
+    rounds: int = Field(ge=1, le=10_000)
+    sites: list[SiteName] = Field(min_length=1, max_length=1000)
+    min_sites: int = Field(ge=1)
+    round_deadline_s: float = Field(default=120.0, gt=0, le=86_400)
+    # How long sites have to accept the offer before the job starts with whoever accepted.
+    accept_deadline_s: float = Field(default=60.0, gt=0, le=86_400)
+    aggregation: Literal["fedavg"] = "fedavg"
+    # A local trainer each site registered under this name in its own policy (e.g. a FedML ClientTrainer); a job
+    # names it and never carries its code. None: fedsilo's built-in trainer.
+    trainer: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")] | None = None
+    server_learning_rate: float = Field(default=1.0, gt=0, le=100)
+    seed: int = 0
+    # Aggregate metrics the job asks each site to report; each site's policy decides which may leave.
+    metrics: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]] = Field(
+        default_factory=lambda: ["auc", "loss"], max_length=32
+    )
+    tags: dict[str, str] = Field(default_factory=dict, max_length=64)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if len(set(self.sites)) != len(self.sites):
+            raise ValueError("a site is listed twice")
+        if self.min_sites > len(self.sites):
+            raise ValueError(f"min_sites {self.min_sites} exceeds the {len(self.sites)} sites listed")
+        return self
+
+    @classmethod
+    def from_yaml(cls, text: str) -> JobSpec:
+        data: Any = yaml.safe_load(text)
+        if not isinstance(data, dict):
+            raise ValueError("a job file must be a YAML mapping")
+        return cls.model_validate(data)

@@ -1,0 +1,1 @@
+"""The fedsilo CLI and the local launcher (demo, private broker)."""

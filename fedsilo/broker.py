@@ -1,0 +1,262 @@
+"""A private Mosquitto for the demo and the tests, on its own port, never the machine's standard one.
+
+Persistence is on, so a restart keeps retained messages and persistent sessions just as a production
+broker would; TLS (with client certificates as identities) and an ACL file are supported.
+
+Mosquitto facts this relies on (2.0.x):
+- it saves its in-memory state to `persistence_location` on a clean stop (SIGTERM) and, with
+  `autosave_interval 1`, about once a second; a SIGKILL (`kill()`) can therefore lose the last second;
+- started as root it switches to the user `mosquitto` unless the config says `user root`, and that user
+  cannot read a root-owned working directory, so the config says `user root` when we are root;
+- with `per_listener_settings true`, `allow_anonymous`, the TLS files and `acl_file` apply to the listener
+  they follow, so they are written after the `listener` line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from federation import topics
+from fedsilo.netutil import free_port
+
+__all__ = ["BrokerError", "BrokerTLS", "MosquittoBroker", "acl_for", "find_mosquitto"]
+
+_SEARCH_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/mosquitto")
+
+
+class BrokerError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class BrokerTLS:
+    """The broker's TLS material. With `require_certificate` a client must present a certificate signed by
+    `cafile`; with `use_identity_as_username` its certificate's CN becomes its username (for the ACL)."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = True
+    use_identity_as_username: bool = True
+
+    def __post_init__(self) -> None:
+        # Without require_certificate mosquitto never asks for a client certificate, so there is no identity
+        # to use as a username and it refuses every client ("not authorised"): reject the combination here.
+        if self.use_identity_as_username and not self.require_certificate:
+            raise ValueError("use_identity_as_username needs require_certificate")
+
+
+def acl_for(sites: Iterable[str], aggregator: str = "aggregator") -> str:
+    """Mosquitto ACL (usernames are certificate common names): the aggregator reads and writes every site's
+    subtree; a site reads only its own offers and tasks and writes only its own status and events.
+    Anyone else, including a certificate for a site not listed, may do nothing."""
+    lines = [f"user {aggregator}", f"topic readwrite {topics.ROOT}/#", ""]
+    for site in sorted(set(sites)):
+        lines += [
+            f"user {site}",
+            f"topic read {topics.offers(site, '#')}",
+            f"topic read {topics.tasks(site, '#')}",
+            f"topic write {topics.status(site)}",
+            f"topic write {topics.events(site)}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def find_mosquitto() -> Path:
+    """The `mosquitto` binary: on PATH, else where Debian puts it (/usr/sbin is not on a normal user's PATH)."""
+    found = shutil.which("mosquitto") or next((p for p in _SEARCH_PATHS if os.access(p, os.X_OK)), None)
+    if found is None:
+        raise BrokerError(
+            "mosquitto is not installed: run `make install` (as root), or `sudo apt-get install -y mosquitto`"
+        )
+    return Path(found)
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class MosquittoBroker:
+    """A `mosquitto` child process with its config, persistence and log in `workdir`.
+
+    The port is chosen once (a free loopback port unless given) and kept across `restart()`, so clients
+    configured with it reconnect to the same broker, which comes back with its retained messages and
+    persistent sessions.
+    """
+
+    def __init__(
+        self, workdir: Path, port: int | None = None, tls: BrokerTLS | None = None, acl_file: Path | None = None
+    ) -> None:
+        self.workdir = workdir.resolve()
+        self._host = "127.0.0.1"
+        self._port = port if port is not None else free_port(self._host)
+        self.tls = tls
+        self.acl_file = acl_file.resolve() if acl_file is not None else None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._stderr: IO[bytes] | None = None
+
+    # -- addresses -------------------------------------------------------------------------------------
+    @property
+    def host(self) -> str:
+        return self._host
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self._host}:{self._port}"
+
+    # -- files -----------------------------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.workdir / "mosquitto.conf"
+
+    @property
+    def log_file(self) -> Path:
+        return self.workdir / "mosquitto.log"
+
+    @property
+    def stderr_file(self) -> Path:
+        return self.workdir / "mosquitto.stderr"
+
+    def log_tail(self, chars: int = 2000) -> str:
+        """The end of the broker's log and of its stderr (where it reports config errors before logging)."""
+        parts = []
+        for f in (self.stderr_file, self.log_file):
+            if f.exists():
+                text = f.read_text(errors="replace").strip()
+                if text:
+                    parts.append(f"--- {f.name}\n{text[-chars:]}")
+        return "\n".join(parts) or "(no broker output)"
+
+    def config_text(self) -> str:
+        lines = [
+            "per_listener_settings true",
+            "persistence true",
+            f"persistence_location {self.workdir}/",  # mosquitto appends the file name: the slash matters
+            "persistence_file mosquitto.db",
+            "autosave_interval 1",
+            f"log_dest file {self.log_file}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+            "max_queued_messages 10000",
+        ]
+        if os.geteuid() == 0:
+            lines.insert(0, "user root")  # otherwise mosquitto drops to `mosquitto`, who cannot read workdir
+        lines.append(f"listener {self._port} {self._host}")
+        if self.tls is None:
+            lines.append("allow_anonymous true")
+        else:
+            lines += [
+                f"cafile {self.tls.cafile}",
+                f"certfile {self.tls.certfile}",
+                f"keyfile {self.tls.keyfile}",
+                f"require_certificate {'true' if self.tls.require_certificate else 'false'}",
+                f"use_identity_as_username {'true' if self.tls.use_identity_as_username else 'false'}",
+                "allow_anonymous false" if self.tls.require_certificate else "allow_anonymous true",
+            ]
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
+        return "\n".join(lines) + "\n"
+
+    # -- process ---------------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start mosquitto and return once its port accepts connections; raise `BrokerError` with the log
+        tail if it exits or does not listen within `timeout` seconds."""
+        if self.running:
+            raise BrokerError(f"broker already running on port {self._port} (pid {self.pid})")
+        binary = find_mosquitto()
+        if _accepts(self._host, self._port):
+            raise BrokerError(f"port {self._port} on {self._host} is already in use by another process")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_file.write_text(self.config_text())
+        self._stderr = self.stderr_file.open("ab")
+        self._proc = subprocess.Popen(
+            [str(binary), "-c", str(self.config_file)],
+            stdin=subprocess.DEVNULL,
+            stdout=self._stderr,
+            stderr=self._stderr,
+            cwd=self.workdir,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self._proc.poll()
+            if code is not None:
+                self._reap()
+                raise BrokerError(f"mosquitto exited with status {code} on port {self._port}:\n{self.log_tail()}")
+            if _accepts(self._host, self._port):
+                return
+            if time.monotonic() > deadline:
+                self.kill()
+                raise BrokerError(
+                    f"mosquitto did not listen on {self._host}:{self._port} within {timeout:g}s:\n{self.log_tail()}"
+                )
+            time.sleep(0.02)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (mosquitto saves its state and exits), then SIGKILL after `timeout` seconds."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._reap()
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would: no clean shutdown, no final save (state is at most ~1 s old)."""
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        self._reap()
+
+    def restart(self, timeout: float = 10.0) -> None:
+        """Stop cleanly and start again on the same port with the same persistence."""
+        self.stop()
+        self.start(timeout)
+
+    def _reap(self) -> None:
+        self._proc = None
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def __enter__(self) -> MosquittoBroker:
+        self.start()
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        return f"MosquittoBroker({self.url}, workdir={self.workdir}, running={self.running})"

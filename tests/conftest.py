@@ -1,0 +1,64 @@
+"""Shared fixtures: a private Mosquitto (per test or per session), free loopback ports, and a private
+PostgreSQL server for the session.
+
+The servers run on free ports in temporary directories, never on the machine's own 1883 or 5432. If
+`mosquitto` is missing, the broker fixtures fail with the message from `find_mosquitto()` (run `make install`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedsilo import netutil
+from fedsilo.broker import MosquittoBroker
+from tests.pgserver import PostgresServer
+
+_db_names = itertools.count()
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    return netutil.free_port()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoBroker]:
+    """A started broker of this test's own (plain MQTT, anonymous, persistent); stopped after the test.
+
+    Tests may `restart()`, `stop()` or `kill()` it; teardown copes with any of those."""
+    b = MosquittoBroker(tmp_path / "broker")
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="session")
+def session_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
+    """One broker shared by the whole session: use unique client ids and topics, and don't restart it."""
+    b = MosquittoBroker(tmp_path_factory.mktemp("session-broker"))
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    server = PostgresServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> str:
+    """A fresh, empty database for one test."""
+    return postgres.create_database(f"fedsilo_test_{next(_db_names)}")

@@ -1,0 +1,78 @@
+"""Job specs: the example job parses; bad fields are named; no-noise must be explicit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from federation.jobs import JobSpec
+from federation.messages import JobOffer, canonical_json
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart-disease.yaml"
+
+
+def example() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    return data
+
+
+def test_example_job_is_valid_and_has_the_13_features() -> None:
+    spec = JobSpec.from_yaml(EXAMPLE.read_text())
+    assert len(spec.features.columns()) == 13
+    assert spec.features.input_dim() == 25
+    assert spec.privacy.noise_multiplier > 0
+
+
+def errors_of(data: dict[str, Any]) -> set[str]:
+    with pytest.raises(ValidationError) as exc:
+        JobSpec.model_validate(data)
+    return {".".join(str(p) for p in e["loc"]) for e in exc.value.errors()}
+
+
+def test_bad_fields_are_each_named() -> None:
+    data = example()
+    data["rounds"] = 0
+    data["hyperparameters"]["optimizer"] = "lbfgs"
+    data["privacy"]["clip_norm"] = -1
+    data["surprise"] = 1
+    assert errors_of(data) >= {"rounds", "hyperparameters.optimizer", "privacy.clip_norm", "surprise"}
+
+
+def test_zero_noise_requires_explicit_opt_in() -> None:
+    data = example()
+    data["privacy"]["noise_multiplier"] = 0
+    with pytest.raises(ValidationError, match="allow_no_noise"):
+        JobSpec.model_validate(data)
+    data["privacy"]["allow_no_noise"] = True
+    assert JobSpec.model_validate(data).privacy.noise_multiplier == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("model", "name"), "resnet", "not registered"),
+        (("min_sites",), 9, "exceeds"),
+        (("sites",), ["cleveland", "cleveland"], "twice"),
+        (("features", "target", "column"), "age", "also a feature"),
+    ],
+)
+def test_inconsistent_jobs_are_refused(path: tuple[str, ...], value: object, message: str) -> None:
+    data = example()
+    node = data
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ValidationError, match=message):
+        JobSpec.model_validate(data)
+
+
+def test_canonical_json_is_stable() -> None:
+    spec = JobSpec.from_yaml(EXAMPLE.read_text())
+    a = canonical_json(JobOffer(job_id="job-1", spec=spec, requester="op", issued_at=1.0, expires_at=2.0,
+                                nonce="ab" * 16))
+    b = canonical_json(JobOffer.model_validate_json(a))
+    assert a == b

@@ -1,0 +1,95 @@
+"""The shared suite every StateStore implementation must pass: SQLite and PostgreSQL (a private server)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aggregator.store import SiteDecision, StateStore, UpdateRow, open_store
+from federation.jobs import JobSpec
+from federation.messages import EvalMetrics
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart-disease.yaml"
+SHA0, SHA1 = "0" * 64, "1" * 64
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    url: str = request.getfixturevalue("postgres_url")
+    return url
+
+
+@pytest.fixture
+def store(store_url: str) -> Iterator[StateStore]:
+    s = open_store(store_url)
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def spec() -> JobSpec:
+    return JobSpec.from_yaml(EXAMPLE.read_text())
+
+
+def test_job_lifecycle(store: StateStore, spec: JobSpec) -> None:
+    store.create_job("job-a", spec, SHA0, 1.0)
+    job = store.get_job("job-a")
+    assert job is not None and job.state == "offered" and job.round == 0 and job.spec == spec
+    assert {d.site: d.decision for d in store.decisions("job-a")} == dict.fromkeys(spec.sites, "offered")
+    assert store.is_model(SHA0) and not store.is_model(SHA1)
+    store.record_decision("job-a", SiteDecision("hungary", "refused", ["no data"], None, 2.0))
+    assert next(d for d in store.decisions("job-a") if d.site == "hungary").reasons == ["no data"]
+    store.open_round("job-a", 1, "train", SHA0, 3.0, 63.0)
+    job = store.get_job("job-a")
+    assert job is not None and job.state == "running" and job.round == 1
+    store.set_job_state("job-a", "failed", "why", 4.0)
+    assert [j.job_id for j in store.list_jobs(("failed",))] == ["job-a"]
+    assert store.list_jobs(("running",)) == []
+
+
+def test_updates_are_unique_per_job_round_site(store: StateStore, spec: JobSpec) -> None:
+    store.create_job("job-a", spec, SHA0, 1.0)
+    store.open_round("job-a", 1, "train", SHA0, 1.0, 61.0)
+    u = UpdateRow("job-a", 1, "cleveland", SHA1, 200, 0.5, 1.5, 2.0)
+    ev = EvalMetrics(n=100, loss=0.7, auc=0.5)
+    assert store.add_update(u, ev) is True
+    assert store.add_update(u, ev) is False
+    assert store.updates("job-a", 1) == [u]
+    assert store.get_update("job-a", 1, "cleveland") == u
+    assert store.evaluations("job-a") == {0: {"cleveland": ev}}
+
+
+def test_close_round_moves_the_global_model_atomically(store: StateStore, spec: JobSpec) -> None:
+    store.create_job("job-a", spec, SHA0, 1.0)
+    store.open_round("job-a", 1, "train", SHA0, 1.0, 61.0)
+    store.close_round("job-a", 1, SHA1, 3, 600, 0.4, 5.0)
+    r = store.get_round("job-a", 1)
+    assert r is not None and r.state == "closed" and r.model_out == SHA1 and r.n_sites == 3
+    job = store.get_job("job-a")
+    assert job is not None and job.model_sha == SHA1 and store.is_model(SHA1)
+    store.close_round("job-a", 1, SHA0, 1, 1, 0.0, 6.0)  # a second close of a closed round changes nothing
+    job = store.get_job("job-a")
+    assert job is not None and job.model_sha == SHA1
+
+
+def test_state_survives_reopening(store_url: str, spec: JobSpec) -> None:
+    url = store_url
+    s = open_store(url)
+    s.create_job("job-a", spec, SHA0, 1.0)
+    s.add_rejection("job-a", 1, "hungary", "non_finite", "NaN", 2.0)
+    s.upsert_site("hungary", "online", 3.0, {"version": "x"})
+    s.close()
+    s = open_store(url)
+    assert s.get_job("job-a") is not None
+    assert s.rejections("job-a")[0]["reason"] == "non_finite"
+    assert s.sites() == [{"site": "hungary", "state": "online", "at": 3.0, "version": "x"}]
+    s.close()
+
+
+def test_unknown_store_url_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unsupported state store URL"):
+        open_store("mysql://x")
