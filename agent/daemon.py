@@ -334,7 +334,8 @@ class Agent:
             train_loss = await asyncio.to_thread(train_dpsgd, model, job.data.x_train, job.data.y_train, spec, seed)
         else:
             train_loss = await asyncio.to_thread(
-                train_local, model, job.data.x_train, job.data.y_train, spec.hyperparameters, seed
+                train_local, model, job.data.x_train, job.data.y_train, spec.hyperparameters, seed,
+                spec.aggregation_params.proximal_mu if spec.aggregation == "fedprox" else 0.0,
             )
         after = get_weights(model)
         delta = {k: after[k] - before[k] for k in before}

@@ -19,12 +19,22 @@ def _optimizer(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
     )
 
 
-def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, hp: Hyperparameters, seed: int) -> float:
-    """Minibatch training for `hp.epochs` passes (or `hp.max_steps` steps); returns the mean batch loss."""
+def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's μ/2·‖w − w_global‖²: keeps a site's local model near the global one when sites' data differ."""
+    return 0.5 * mu * sum((torch.sum((p - a) ** 2) for p, a in zip(model.parameters(), anchor, strict=True)),
+                          torch.zeros(()))
+
+
+def train_local(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, hp: Hyperparameters, seed: int, proximal_mu: float = 0.0
+) -> float:
+    """Minibatch training for `hp.epochs` passes (or `hp.max_steps` steps); returns the mean batch loss (without
+    the proximal term, so that losses compare across strategies)."""
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).float()
     gen = torch.Generator().manual_seed(seed)
     opt = _optimizer(model, hp)
     loss_fn = nn.BCEWithLogitsLoss()
+    anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else []
     model.train()
     losses: list[float] = []
     steps = 0
@@ -34,7 +44,8 @@ def train_local(model: nn.Module, x: np.ndarray, y: np.ndarray, hp: Hyperparamet
             idx = order[start : start + hp.batch_size]
             opt.zero_grad()
             loss = loss_fn(model(xt[idx]).squeeze(-1), yt[idx])
-            loss.backward()
+            objective = loss + proximal_term(model, anchor, proximal_mu) if anchor else loss
+            objective.backward()
             opt.step()
             losses.append(float(loss.detach()))
             steps += 1

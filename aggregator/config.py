@@ -27,6 +27,8 @@ class AggregatorConfig(Frozen):
     # Ed25519 key every job offer and round task is signed with; sites pin its public half.
     signing_key: Path | None = None
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # A site whose heartbeats stop for this long is shown offline (agents send one every few seconds).
+    site_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     tracking: TrackingConfig = TrackingConfig()
     # Operator bearer tokens (sha256 only) for the console and scripts; operator certificates also work.
     operators: tuple[OperatorToken, ...] = ()

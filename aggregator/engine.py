@@ -7,6 +7,7 @@ Every state change is written to the store before anything is announced, so a re
 from __future__ import annotations
 
 import asyncio
+import math
 import re
 import secrets
 import time
@@ -124,30 +125,38 @@ class RoundEngine:
         weights = initial_weights(spec)
         sha = await self._db(self._blobs.put, encode(weights))
         await self._db(self._store.create_job, job_id, spec, sha, time.time(), requester)
-        runner = JobRunner(job_id, spec, weights, make_strategy(spec.aggregation, spec.server_learning_rate))
+        runner = JobRunner(job_id, spec, weights, make_strategy(spec))
         self._runners[job_id] = runner
-        now = time.time()
-        offer = self._sign(JobOffer(job_id=job_id, spec=spec, requester=requester, issued_at=now,
-                                    expires_at=now + spec.accept_deadline_s, nonce=nonce()))
-        for site in spec.sites:
-            self._pub.publish(topics.offers(site, job_id), offer, retain=True)
+        self._offer(runner, requester, time.time(), spec.sites)
         self._arm(runner, spec.accept_deadline_s, self._accept_deadline)
         log.info("job_submitted", job=job_id, sites=spec.sites, rounds=spec.rounds, requester=requester)
         await self._refresh_job_gauge()
         return job_id
+
+    def _offer(self, runner: JobRunner, requester: str, created_at: float, sites: list[str]) -> None:
+        """Publish the signed offer (retained) to each site; it expires at the job's accept deadline."""
+        spec = runner.spec
+        offer = self._sign(JobOffer(job_id=runner.job_id, spec=spec, requester=requester, issued_at=time.time(),
+                                    expires_at=created_at + spec.accept_deadline_s, nonce=nonce()))
+        for site in sites:
+            self._pub.publish(topics.offers(site, runner.job_id), offer, retain=True)
 
     async def recover(self) -> None:
         """Resume every unfinished job from the store after a (re)start."""
         for job in await self._db(self._store.list_jobs, ACTIVE):
             weights = decode(await self._db(self._blobs.get, job.model_sha))
             runner = JobRunner(
-                job.job_id, job.spec, weights, make_strategy(job.spec.aggregation, job.spec.server_learning_rate)
+                job.job_id, job.spec, weights, make_strategy(job.spec)
             )
             decisions = await self._db(self._store.decisions, job.job_id)
             runner.active_sites = {d.site for d in decisions if d.decision == "accepted"}
             self._runners[job.job_id] = runner
             async with runner.lock:
                 if job.state == "offered":
+                    # A crash between the commit and the broker's acknowledgement may have lost the offers:
+                    # publish them again to the sites that have not answered (agents answer a repeat the same).
+                    answered = {d.site for d in decisions if d.decision in ("accepted", "refused")}
+                    self._offer(runner, job.requester, job.created_at, [s for s in job.spec.sites if s not in answered])
                     remaining = job.created_at + job.spec.accept_deadline_s - time.time()
                     self._arm(runner, max(remaining, 0.0), self._accept_deadline)
                     await self._maybe_start(runner)
@@ -244,12 +253,44 @@ class RoundEngine:
                     await self._maybe_close(runner, job.round)
 
     async def on_site_status(self, status: SiteStatus) -> None:
+        """A heartbeat, or the last will the broker publishes when an agent's connection drops."""
+        reason = None if status.state == "online" else "connection lost (last will)"
         await self._db(
             self._store.upsert_site, status.site, status.state, status.at,
-            {"active_jobs": status.active_jobs, "version": status.version},
+            {"active_jobs": status.active_jobs, "version": status.version, "offline_reason": reason},
         )
+        await self._site_gauges()
+
+    async def sweep_sites(self, timeout_s: float, now: float | None = None) -> list[str]:
+        """Mark online sites whose last heartbeat is older than `timeout_s` offline (a hung agent or a network
+        partition sends no last will); returns the sites marked."""
+        now = time.time() if now is None else now
+        marked = []
+        for row in await self._db(self._store.sites):
+            if row["state"] == "online" and now - row["at"] > timeout_s:
+                info = {k: v for k, v in row.items() if k not in ("site", "state", "at")}
+                info["offline_reason"] = f"no heartbeat for {now - row['at']:.0f} s (timeout {timeout_s:g} s)"
+                await self._db(self._store.upsert_site, row["site"], "offline", row["at"], info)
+                log.warning("site_offline", site=row["site"], reason=info["offline_reason"])
+                marked.append(row["site"])
+        if marked:
+            await self._site_gauges()
+        return marked
+
+    async def run_site_sweeper(self, timeout_s: float) -> None:
+        while True:
+            await asyncio.sleep(max(timeout_s / 4, 0.25))
+            try:
+                await self.sweep_sites(timeout_s)
+            except Exception:  # a store hiccup must not end the sweeper
+                log.exception("site_sweep_failed")
+
+    async def _site_gauges(self) -> None:
         sites = await self._db(self._store.sites)
         self._metrics.sites_online.set(sum(1 for s in sites if s["state"] == "online"))
+        for row in sites:
+            self._metrics.site_up.labels(row["site"]).set(1 if row["state"] == "online" else 0)
+            self._metrics.site_last_seen.labels(row["site"]).set(row["at"])
 
     # ---------------------------------------------------------------- uploads
     async def receive_update(self, site: str, env: UpdateEnvelope, body: bytes) -> dict[str, Any]:
@@ -369,7 +410,7 @@ class RoundEngine:
         if r is None or r.state != "open":
             return
         reported = await self._reported(runner, rnd, r.kind)
-        if runner.active_sites and runner.active_sites <= reported:
+        if runner.active_sites and len(reported & runner.active_sites) >= quorum_size(runner):
             await self._close(runner, rnd, r.kind, reported)
         elif len(runner.active_sites) < runner.spec.min_sites and r.kind == "train":
             await self._end(
@@ -491,6 +532,12 @@ class RoundEngine:
         jobs = await self._db(self._store.list_jobs, None)
         for state in ("offered", "running", "finished", "failed", "cancelled"):
             self._metrics.jobs.labels(state).set(sum(1 for j in jobs if j.state == state))
+
+
+def quorum_size(runner: JobRunner) -> int:
+    """How many participating sites must report before a round closes early (ceil of the job's fraction)."""
+    spec = runner.spec
+    return min(len(runner.active_sites), max(spec.min_sites, math.ceil(spec.quorum * len(runner.active_sites))))
 
 
 def weighted(per_site: dict[str, EvalMetrics]) -> EvalMetrics:

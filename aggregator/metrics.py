@@ -22,6 +22,13 @@ class AggregatorMetrics:
             "fedsilo_updates_rejected", "Uploads refused, by reason.", ["site", "reason"], registry=r
         )
         self.sites_online = Gauge("fedsilo_sites_online", "Sites whose agent is connected.", registry=r)
+        self.site_up = Gauge(
+            "fedsilo_site_up", "1 while a site's agent is online (heartbeats arriving), else 0.", ["site"], registry=r
+        )
+        self.site_last_seen = Gauge(
+            "fedsilo_site_last_seen_timestamp_seconds", "When a site's last heartbeat arrived (Unix time).",
+            ["site"], registry=r,
+        )
         self.global_auc = Gauge(
             "fedsilo_global_validation_auc", "Sample-weighted validation AUC of the latest global model.",
             ["job"], registry=r,

@@ -33,6 +33,7 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     blobs = open_blobs(cfg.blob_url)
     metrics = AggregatorMetrics()
     pending: set[asyncio.Task[None]] = set()
+    background: list[asyncio.Task[None]] = []  # long-running loops, cancelled at shutdown
 
     def on_message(topic: str, payload: bytes) -> None:
         site = topics.site_of(topic)
@@ -79,9 +80,12 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     async def startup(_: web.Application) -> None:
         await link.start()
         await engine.recover()
+        background.append(asyncio.create_task(engine.run_site_sweeper(cfg.site_timeout_s)))
         log.info("aggregator_started", host=cfg.host, port=cfg.port, tls=cfg.tls is not None)
 
     async def cleanup(_: web.Application) -> None:
+        for task in background:
+            task.cancel()
         await tracking.close()
         await engine.shutdown()
         await link.stop()

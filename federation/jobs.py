@@ -69,6 +69,18 @@ class PrivacySpec(Frozen):
         return self
 
 
+class AggregationParams(Frozen):
+    """Settings of the aggregation strategies; each strategy reads only its own."""
+
+    # FedProx: μ/2·‖w − w_global‖² added to every site's local loss (Li et al., 2020).
+    proximal_mu: float = Field(default=0.01, ge=0, le=100)
+    # Trimmed mean: the fraction of values dropped at each end of every coordinate (Yin et al., 2018).
+    trim_fraction: float = Field(default=0.2, ge=0, lt=0.5)
+    # Norm-bounded FedAvg: each update is clipped to this L2 norm on the server (None: the job's clip norm), and
+    # no site's weight exceeds the round's median claimed sample count (Sun et al., 2019).
+    norm_bound: float | None = Field(default=None, gt=0, le=1e6)
+
+
 class DataRef(Frozen):
     """Which dataset the job asks each site for, by the name the sites register it under."""
 
@@ -88,10 +100,16 @@ class JobSpec(Frozen):
     rounds: int = Field(ge=1, le=10_000)
     sites: list[SiteName] = Field(min_length=1, max_length=1000)
     min_sites: int = Field(ge=1)
+    # A round closes as soon as this fraction of the participating sites (and at least min_sites) has reported,
+    # without waiting for stragglers; otherwise at its deadline if min_sites reported, and the job fails if not.
+    quorum: float = Field(default=1.0, gt=0, le=1)
     round_deadline_s: float = Field(default=120.0, gt=0, le=86_400)
     # How long sites have to accept the offer before the job starts with whoever accepted.
     accept_deadline_s: float = Field(default=60.0, gt=0, le=86_400)
-    aggregation: Literal["fedavg"] = "fedavg"
+    # How the aggregator combines a round's updates (`aggregator/strategies.py`); `fedprox` also adds a proximal
+    # term to each site's local loss. `median`, `trimmed_mean` and `fedavg_normbound` resist a poisoned site.
+    aggregation: Literal["fedavg", "fedprox", "median", "trimmed_mean", "fedavg_normbound"] = "fedavg"
+    aggregation_params: AggregationParams = Field(default_factory=lambda: AggregationParams())
     # A local trainer each site registered under this name in its own policy (e.g. a FedML ClientTrainer); a job
     # names it and never carries its code. None: fedsilo's built-in trainer.
     trainer: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")] | None = None
@@ -109,6 +127,9 @@ class JobSpec(Frozen):
             raise ValueError("a site is listed twice")
         if self.min_sites > len(self.sites):
             raise ValueError(f"min_sites {self.min_sites} exceeds the {len(self.sites)} sites listed")
+        if self.aggregation == "fedprox" and self.privacy.unit == "record":
+            # Opacus clips per-sample gradients of the data loss; a proximal term is not per-sample.
+            raise ValueError("fedprox is not available with record-level DP (privacy.unit: record)")
         return self
 
     @classmethod

@@ -12,7 +12,9 @@ cd "$(dirname "$0")/.."
 # probe is a command name that is neither on PATH nor in /usr/sbin (where Debian puts daemons), or an
 # absolute path (glob allowed) that matches nothing. Add packages here.
 SYSTEM_DEMO=("mosquitto:mosquitto")
-SYSTEM_TEST=("${SYSTEM_DEMO[@]}" "/usr/lib/postgresql/*/bin/initdb:postgresql")  # tests/pgserver.py
+# tests/pgserver.py starts its own PostgreSQL; browser tests drive Debian's Chromium (never `playwright install`);
+# promtool checks the /metrics text.
+SYSTEM_TEST=("${SYSTEM_DEMO[@]}" "/usr/lib/postgresql/*/bin/initdb:postgresql" "chromium:chromium" "promtool:prometheus")
 
 purpose=${1:-demo}
 case "$purpose" in

@@ -19,24 +19,17 @@ import numpy as np
 import pytest
 import yaml
 
-from federation import topics
 from federation.jobs import JobSpec
 from federation.messages import (
-    ENVELOPE_HEADER,
     EvalMetrics,
-    RoundTask,
-    SiteEvent,
     UpdateEnvelope,
-    canonical_json,
-    update_path,
 )
 from federation.models import build_model, get_weights
-from federation.mqtt import MqttLink
 from federation.tensors import encode, sha256_hex
-from federation.transport import BrokerConfig
 from fedsilo.client import ApiError
 from fedsilo.datasets import SYNTHETIC_SCHEMA, split_by_center, synthetic_tabular
 from fedsilo.local import LocalFederation, example_policy
+from tests.participants import Mallory, post_update
 
 pytestmark = pytest.mark.integration
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart-disease.yaml"
@@ -78,18 +71,6 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     policies["switzerland"] = policy_for("switzerland", {"heart-disease": root / "data" / "missing.csv"})
     with LocalFederation(root, policies, extra_identities=("mallory", "eve"), heartbeat_s=1.0) as f:
         yield f
-
-
-def post_update(fed: LocalFederation, as_site: str, env: UpdateEnvelope, body: bytes) -> tuple[int, dict[str, Any]]:
-    """Upload over mutual TLS with `as_site`'s certificate."""
-    req = urllib.request.Request(fed.url + update_path(env.job_id, env.round), data=body, method="POST")
-    req.add_header(ENVELOPE_HEADER, env.model_dump_json())
-    ctx = fed.tls("site", as_site).client_context()
-    try:
-        with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def test_invalid_job_is_refused_with_every_bad_field(fed: LocalFederation) -> None:
@@ -137,36 +118,6 @@ def test_job_converges_and_writes_its_report(fed: LocalFederation) -> None:
     agent_metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
     assert re.search(r"^fedsilo_agent_rounds_trained_total [4-9]", agent_metrics, re.M)
     assert 'fedsilo_agent_job_decisions_total{decision="accepted"}' in agent_metrics
-
-
-class Mallory:
-    """A participant driven by the test: accepts over MQTT and uploads whatever the test hands it."""
-
-    def __init__(self, fed: LocalFederation) -> None:
-        self.fed = fed
-        self.tasks: list[RoundTask] = []
-
-    async def join(self, job_id: str) -> MqttLink:
-        def on_message(topic: str, payload: bytes) -> None:
-            if "/tasks/" in topic and payload:
-                self.tasks.append(RoundTask.model_validate(json.loads(payload)["message"]))
-
-        broker = BrokerConfig(port=self.fed.broker.port, tls=self.fed.tls("site", "mallory"))
-        link = MqttLink("mallory", broker, on_message, [topics.tasks("mallory")])
-        await link.start()
-        await asyncio.wait_for(link.connected.wait(), 10)
-        link.publish(topics.events("mallory"), canonical_json(
-            SiteEvent(site="mallory", job_id=job_id, kind="accepted", at=time.time())))
-        return link
-
-    async def wait_task(self, rnd: int, within: float = 30) -> RoundTask:
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            for t in self.tasks:
-                if t.round == rnd:
-                    return t
-            await asyncio.sleep(0.05)
-        raise TimeoutError(f"no task for round {rnd}")
 
 
 def envelope(job_id: str, rnd: int, body: bytes, site: str = "mallory") -> UpdateEnvelope:
@@ -323,3 +274,22 @@ def test_record_level_dp_job_accounts_the_record_guarantee(fed: LocalFederation)
     data = load_site_data(Path(policy["datasets"]["heart-disease"]["path"]), spec.features, spec.dataset)
     assert summary["sites"]["cleveland"]["epsilon"] == pytest.approx(record_epsilon(spec, data.n_train, 2))
     assert summary["history"][-1]["global"]["auc"] > 0.6
+
+
+def test_metrics_pass_promtool_on_the_aggregator_and_an_agent(fed: LocalFederation) -> None:
+    """Both /metrics endpoints follow Prometheus' exposition format and naming conventions (`promtool check
+    metrics` exits non-zero on any problem and names it)."""
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: run `make install-test` (Debian package prometheus)"
+    base = f"http://127.0.0.1:{fed.status_ports['cleveland']}"
+    texts = {
+        "aggregator": fed.client.request("GET", "/metrics"),
+        "agent": urllib.request.urlopen(base + "/metrics", timeout=5).read(),
+    }
+    for name, text in texts.items():
+        assert b"fedsilo_" in text, name
+        out = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, timeout=30)
+        assert out.returncode == 0, (name, out.stdout.decode() + out.stderr.decode())
