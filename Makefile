@@ -1,6 +1,6 @@
 # The two commands a new user needs: `make demo` and `make test`.
 # Both set everything up first (scripts/bootstrap.sh: Debian packages when root, .venv, the project).
-.PHONY: install install-test demo test bench lint clean
+.PHONY: install install-test demo test test-fedml bench lint clean
 
 install:
 	bash scripts/bootstrap.sh demo
@@ -17,6 +17,11 @@ test: install-test
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 	.venv/bin/pytest -q
+
+# Optional, not part of `make test` or CI: a federation in which a site trains through a real FedML ClientTrainer,
+# in a separate virtualenv (.venv-fedml) with fedml 0.9.6 and torch 2.14.1 (≈6 GB; see docs/fedml.md).
+test-fedml:
+	bash scripts/test-fedml.sh
 
 bench: install
 	.venv/bin/python -m bench

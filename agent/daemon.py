@@ -328,7 +328,12 @@ class Agent:
         evaluation = self._metrics(model, spec, job.data)
         seed = round_seed(spec, self.site, task.round)
         t0 = time.perf_counter()
-        if spec.privacy.unit == "record":
+        if spec.trainer is not None:  # the site's registered trainer; its output is privatized like any other
+            from agent.fedml_adapter import train_registered
+
+            train_loss = await asyncio.to_thread(train_registered, model, self.policy.trainers, spec,
+                                                 job.data.x_train, job.data.y_train, seed, task.round)
+        elif spec.privacy.unit == "record":
             from agent.dpsgd import train_dpsgd
 
             train_loss = await asyncio.to_thread(train_dpsgd, model, job.data.x_train, job.data.y_train, spec, seed)

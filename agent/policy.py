@@ -17,6 +17,7 @@ import yaml
 from pydantic import Field, field_validator
 
 from agent.data import DataError, SiteData
+from agent.fedml_adapter import TrainerRegistration, trainer_refusals
 from agent.privacy import job_epsilon
 from federation.jobs import JobSpec
 from federation.models import build_model, get_weights, parameter_count
@@ -94,6 +95,9 @@ class SitePolicy(Frozen):
     egress: EgressPolicy
     models: ModelPolicy
     operations: OperationsPolicy = OperationsPolicy()
+    trainers: dict[str, TrainerRegistration] = Field(
+        default_factory=dict, description="Local trainers installed on this site (e.g. FedML ClientTrainers) that a "
+                                          "job may name; pinned by the sha256 of their source. Empty: none")
 
     @classmethod
     def load(cls, path: Path) -> SitePolicy:
@@ -203,6 +207,7 @@ def evaluate(
         if n * 4 + 1024 > policy.egress.max_upload_bytes_per_round:
             r.append(f"an update of {n} float32 parameters exceeds the upload limit "
                      f"{policy.egress.max_upload_bytes_per_round} bytes per round")
+    r.extend(trainer_refusals(policy.trainers, spec))
     if active_jobs >= policy.operations.max_concurrent_jobs:
         r.append(f"already running {active_jobs} job(s); this site allows {policy.operations.max_concurrent_jobs}")
     if not in_training_window(policy.operations, now or dt.datetime.now(dt.UTC)):
@@ -239,6 +244,9 @@ def describe(policy: SitePolicy) -> list[str]:
     windows = "any time" if not ops.training_windows else "; ".join(
         f"{','.join(w.days)} {w.start}-{w.end} UTC" for w in ops.training_windows)
     out.append(f"Operations: at most {ops.max_concurrent_jobs} concurrent job(s); training {windows}.")
+    for name, t in policy.trainers.items():
+        out.append(f"Trainer {name!r}: {t.import_path} (source sha256 {t.source_sha256[:12]}…), for models "
+                   f"{', '.join(t.models)} on {', '.join(t.datasets)}.")
     return out
 
 

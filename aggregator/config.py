@@ -27,6 +27,10 @@ class AggregatorConfig(Frozen):
     # Ed25519 key every job offer and round task is signed with; sites pin its public half.
     signing_key: Path | None = None
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # How long an idle HTTPS connection stays open. Each costs ≈0.4 MB (asyncio's 256 KiB TLS read buffer and
+    # OpenSSL's): with thousands of sites, shorten it (or terminate TLS at the ingress) to trade memory for
+    # handshakes; `bench/scale.py` measures both.
+    http_keepalive_s: float = Field(default=75.0, ge=0, le=3600)
     # A site whose heartbeats stop for this long is shown offline (agents send one every few seconds).
     site_timeout_s: float = Field(default=30.0, gt=0, le=3600)
     tracking: TrackingConfig = TrackingConfig()

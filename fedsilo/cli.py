@@ -173,6 +173,41 @@ def job_cancel(job_id: str, url: str, ca: Path | None, cert: Path | None, key: P
     click.echo(json.dumps(_client(url, ca, cert, key).cancel(job_id)))
 
 
+@job.command("import-fedml")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--sites", "sites", multiple=True,
+              help="Site names, comma-separated or repeated (default: site-1..site-N from client_num_in_total).")
+@click.option("--template", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="fedsilo job giving what FedML's config lacks: features, privacy, purpose "
+                   "(default: examples/heart-disease.yaml).")
+@click.option("--name", default=None, help="Job name (default: <dataset>-<model>).")
+@click.option("--trainer", default=None, help="A trainer the sites registered in their policies (their FedML "
+                                              "ClientTrainer).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the job here (default: standard output; the mapping then goes to standard error).")
+def job_import_fedml(config_file: Path, sites: tuple[str, ...], template: Path | None, name: str | None,
+                     trainer: str | None, out: Path | None) -> None:
+    """Convert a FedML Octopus fedml_config.yaml into a fedsilo job, printing what maps to what."""
+    from fedsilo.fedml_import import FedMLImportError, import_fedml
+
+    names = [s.strip() for group in sites for s in group.split(",") if s.strip()]
+    try:
+        result = import_fedml(config_file, names or None, template, name, trainer)
+    except FedMLImportError as exc:
+        raise click.ClickException(str(exc)) from None
+    to_err = out is None
+    for line in result.lines:
+        click.echo(line.render(), err=to_err)
+    for warning in result.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    text = result.job_yaml(str(config_file))
+    if out is None:
+        click.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        click.echo(f"wrote {out} (a valid fedsilo job: check it with `fedsilo policy explain POLICY {out}`)")
+
+
 @main.group()
 def data() -> None:
     """Data preparation."""

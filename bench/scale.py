@@ -1,0 +1,274 @@
+"""How far one aggregator goes: N simulated sites upload privatized updates of a P-parameter model to a real
+aggregator process (mTLS on loopback, SQLite state, blobs on disk) and we measure what it sustains.
+
+Per configuration: updates/s and MB/s ingested in a steady round (the second; the first pays the TLS handshakes),
+the round's finalize time (last update acknowledged → next model committed), and the aggregator's peak RSS.
+Then, for each model size, the minimum server work per update measured in-process on the same primitives the
+ingest path runs (sha256, safetensors decode, validation, durable blob write, FedAvg fold): the ratio of the
+observed time per update to that floor is the share left to Python, HTTP and TLS overhead.
+
+    python -m bench scale                       # the default matrix
+    python -m bench scale --sites 100 --params 1e6
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import math
+import os
+import sqlite3
+import ssl
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import paho.mqtt.client as mqtt
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion
+
+from aggregator.blobs import FileBlobStore
+from aggregator.strategies import FedAvg
+from aggregator.validation import check_update
+from federation import topics
+from federation.jobs import JobSpec
+from federation.messages import ENVELOPE_HEADER, EvalMetrics, SiteEvent, UpdateEnvelope, canonical_json, update_path
+from federation.models import Weights, build_model, get_weights
+from federation.tensors import encode, sha256_hex
+from fedsilo.local import LocalFederation
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "heart-disease.yaml"
+CLIP, SIGMA = 1.0, 0.5
+# 1,000 sites × 10^7 parameters is 40 GB per round through one 2-core machine's loopback and disk: left out of
+# the default matrix (run it with --sites 1000 --params 1e7 on a machine with the disk for it).
+DEFAULT = [(100, 10**4), (1000, 10**4), (100, 10**6), (1000, 10**6), (100, 10**7)]
+
+
+def hidden_for(params: int, input_dim: int = 25) -> list[int]:
+    """An MLP width (one or two hidden layers) whose parameter count is close to `params`."""
+    one = max(1, round((params - 1) / (input_dim + 2)))
+    if one <= 65_536:
+        return [one]
+    # two layers of width h: h·(input_dim + h + 3) + 1 ≈ params
+    h = int((-(input_dim + 3) + math.sqrt((input_dim + 3) ** 2 + 4 * (params - 1))) / 2)
+    return [h, h]
+
+
+def job_for(sites: list[str], hidden: list[int]) -> dict[str, Any]:
+    job: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    job.update(name="scale", sites=sites, min_sites=len(sites), rounds=3, round_deadline_s=3600,
+               accept_deadline_s=600, model={"name": "mlp", "hidden": hidden})
+    job["privacy"].update(clip_norm=CLIP, noise_multiplier=SIGMA)
+    return job
+
+
+def privatized_like(template: Weights, seed: int) -> Weights:
+    """What a site sends: a clipped delta plus N(0, (σC)²) noise — here noise only, which has the same size."""
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(0.0, SIGMA * CLIP, size=v.shape).astype(np.float32) for k, v in template.items()}
+
+
+@dataclass
+class Result:
+    sites: int
+    params: int
+    update_mb: float
+    updates_per_s: float
+    mb_per_s: float
+    finalize_s: float
+    peak_rss_mb: float
+    floor_ms: float  # minimum server work per update (in-process primitives)
+    observed_ms: float  # wall time per update ingested
+
+
+def accept_all(fed: LocalFederation, job_id: str, sites: list[str]) -> None:
+    """Each simulated site answers the offer over MQTT with its own certificate (the broker's ACL lets a site
+    publish only on its own topics), then disconnects."""
+
+    def accept(site: str) -> None:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{site}", clean_session=True)
+        client.tls_set_context(fed.tls("site", site).client_context())
+        client.connect("127.0.0.1", fed.broker.port)
+        event = SiteEvent(site=site, job_id=job_id, kind="accepted", at=time.time())
+        info = client.publish(topics.events(site), canonical_json(event), qos=1)  # queued until CONNACK
+        deadline = time.monotonic() + 30
+        while not info.is_published():  # drive the network loop in this thread: no per-client thread to join
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{site}: the broker did not acknowledge the acceptance")
+            client.loop(0.05)
+        client.disconnect()
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(accept, sites))
+
+
+def round_open(fed: LocalFederation, job_id: str, rnd: int) -> bool:
+    db = sqlite3.connect(fed.workdir / "state" / "aggregator.db")
+    try:
+        row = db.execute("SELECT state FROM rounds WHERE job_id=? AND round=? AND kind='train'",
+                         (job_id, rnd)).fetchone()
+        return row is not None and row[0] == "open"
+    finally:
+        db.close()
+
+
+def wait_round(fed: LocalFederation, job_id: str, rnd: int, is_open: bool, within: float = 3600) -> None:
+    """Poll the aggregator's state until round `rnd` is open (or no longer open)."""
+    deadline = time.monotonic() + within
+    while round_open(fed, job_id, rnd) != is_open:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"round {rnd} did not become {'open' if is_open else 'closed'}")
+        time.sleep(0.01)
+
+
+async def upload_round(fed: LocalFederation, job_id: str, rnd: int, sites: list[str], template: Weights,
+                       sessions: dict[str, aiohttp.ClientSession], concurrency: int) -> None:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int, site: str) -> None:
+        async with gate:
+            body = await asyncio.to_thread(lambda: encode(privatized_like(template, rnd * 100_003 + i)))
+            env = UpdateEnvelope(job_id=job_id, round=rnd, site=site, num_samples=100, sha256=sha256_hex(body),
+                                 evaluation=EvalMetrics(n=50, loss=0.6, auc=0.7), train_loss=0.6, epsilon=1.0)
+            async with sessions[site].post(fed.url + update_path(job_id, rnd), data=body,
+                                           headers={ENVELOPE_HEADER: env.model_dump_json()}) as resp:
+                if resp.status != 200:
+                    raise RuntimeError(f"{site} round {rnd}: {resp.status} {await resp.text()}")
+
+    await asyncio.gather(*(one(i, s) for i, s in enumerate(sites)))
+
+
+def round_timing(fed: LocalFederation, job_id: str, rnd: int) -> tuple[float, float, float]:
+    """(first update received, last update received, round closed) from the aggregator's own state."""
+    db = sqlite3.connect(fed.workdir / "state" / "aggregator.db")
+    try:
+        first, last = db.execute("SELECT MIN(received_at), MAX(received_at) FROM updates WHERE job_id=? AND round=?",
+                                 (job_id, rnd)).fetchone()
+        (closed,) = db.execute("SELECT closed_at FROM rounds WHERE job_id=? AND round=? AND kind='train'",
+                               (job_id, rnd)).fetchone()
+        return float(first), float(last), float(closed)
+    finally:
+        db.close()
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def floor_ms(spec: JobSpec, template: Weights, workdir: Path, repeats: int = 5) -> float:
+    """The least the server must do per update, timed in-process: hash, decode+validate, durable write, fold."""
+    body = encode(privatized_like(template, 1))
+    blobs = FileBlobStore(workdir / "floor-blobs")
+    strategy = FedAvg()
+    strategy.reset(template)
+    best = math.inf
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        sha = hashlib.sha256(body).hexdigest()
+        update = check_update(body, sha, template, spec)
+        blobs.put(body[:-1] + bytes([i]) if i else body)  # a new blob each time: the write is not deduplicated
+        strategy.add(update, 100)
+        best = min(best, time.perf_counter() - t0)
+    return best * 1000
+
+
+async def client_sessions(fed: LocalFederation, sites: list[str], keepalive: bool) -> dict[str, aiohttp.ClientSession]:
+    """One HTTPS client per site, as each agent has; with `keepalive` its connection stays open between uploads."""
+    sessions = {}
+    for site in sites:
+        ctx: ssl.SSLContext = fed.tls("site", site).client_context()
+        connector = aiohttp.TCPConnector(ssl=ctx, limit=1, force_close=not keepalive)
+        sessions[site] = aiohttp.ClientSession(connector=connector)
+    return sessions
+
+
+def run_one(n_sites: int, params: int, concurrency: int, keepalive: bool = True) -> Result:
+    sites = [f"sim-{i:04d}" for i in range(n_sites)]
+    hidden = hidden_for(params)
+    spec = JobSpec.model_validate(job_for(sites, hidden))
+    template = get_weights(build_model("mlp", spec.features.input_dim(), hidden))
+    n_params = sum(v.size for v in template.values())
+    with tempfile.TemporaryDirectory(prefix="fedsilo-scale-") as tmp:
+        root = Path(tmp)
+        with LocalFederation(root, {}, extra_identities=tuple(sites), log_level="WARNING") as fed:
+            assert fed.aggregator is not None
+            pid = fed.aggregator.pid
+            stages = {"started": rss_mb(pid)}
+            job_id = fed.client.submit(yaml.safe_dump(job_for(sites, hidden)))
+            accept_all(fed, job_id, sites)
+            stages["accepted"] = rss_mb(pid)
+
+            async def drive() -> None:
+                sessions = await client_sessions(fed, sites, keepalive)
+                try:
+                    for rnd in (1, 2):
+                        await asyncio.to_thread(wait_round, fed, job_id, rnd, True)
+                        await upload_round(fed, job_id, rnd, sites, template, sessions, concurrency)
+                        stages[f"round {rnd}"] = rss_mb(pid)
+                    await asyncio.to_thread(wait_round, fed, job_id, 2, False)
+                finally:
+                    for s in sessions.values():
+                        await s.close()
+
+            asyncio.run(drive())
+            first, last, closed = round_timing(fed, job_id, 2)
+            rss = peak_rss_mb(pid)
+            print("  aggregator RSS MB by stage: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
+            fed.client.cancel(job_id)
+        floor = floor_ms(spec, template, root)
+    update_mb = n_params * 4 / 1e6
+    span = max(last - first, 1e-9)
+    rate = (n_sites - 1) / span
+    return Result(sites=n_sites, params=n_params, update_mb=update_mb, updates_per_s=rate,
+                  mb_per_s=rate * update_mb, finalize_s=closed - last, peak_rss_mb=rss, floor_ms=floor,
+                  observed_ms=1000 / rate)
+
+
+def print_table(results: list[Result]) -> None:
+    print(f"\nfedsilo scale benchmark — one aggregator process, mTLS on loopback, SQLite + files, "
+          f"{os.cpu_count()} CPUs (clients on the same machine)")
+    head = (f"{'sites':>6} {'params':>11} {'update MB':>9} {'updates/s':>10} {'MB/s':>7} {'finalize s':>10} "
+            f"{'peak RSS MB':>11} {'floor ms/upd':>12} {'observed ms/upd':>15} {'overhead':>8}")
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        print(f"{r.sites:>6} {r.params:>11,} {r.update_mb:>9.2f} {r.updates_per_s:>10.1f} {r.mb_per_s:>7.1f} "
+              f"{r.finalize_s:>10.3f} {r.peak_rss_mb:>11.0f} {r.floor_ms:>12.2f} {r.observed_ms:>15.2f} "
+              f"{r.observed_ms / r.floor_ms:>7.1f}×")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench scale", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", type=int, action="append", help="number of simulated sites (repeatable)")
+    parser.add_argument("--params", type=float, action="append", help="model parameters, e.g. 1e6 (repeatable)")
+    parser.add_argument("--concurrency", type=int, default=8, help="uploads in flight at once")
+    parser.add_argument("--no-keepalive", action="store_true", help="a new TLS connection for every upload")
+    args = parser.parse_args(argv)
+    matrix = DEFAULT
+    if args.sites or args.params:
+        matrix = [(s, int(p)) for p in (args.params or [1e4]) for s in (args.sites or [100])]
+    results = []
+    for n_sites, params in matrix:
+        print(f"running {n_sites} sites × {params:,} parameters ...", flush=True)
+        results.append(run_one(n_sites, params, args.concurrency, keepalive=not args.no_keepalive))
+    print_table(results)
+
+
+if __name__ == "__main__":
+    main()
