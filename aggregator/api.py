@@ -17,12 +17,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from aggregator import openapi
 from aggregator.auth import Identity, OperatorToken, Role, certificate_identity, operator_identity
 from aggregator.blobs import BlobStore
 from aggregator.engine import RoundEngine
 from aggregator.metrics import AggregatorMetrics
 from aggregator.report import job_summary
-from aggregator.store import StateStore
+from aggregator.store import JobRow, StateStore
 from aggregator.validation import Rejection
 from federation.jobs import JobSpec
 from federation.messages import ENVELOPE_HEADER, EvaluationReport, UpdateEnvelope
@@ -36,6 +37,11 @@ BLOBS: web.AppKey[BlobStore] = web.AppKey("blobs", BlobStore)
 METRICS: web.AppKey[AggregatorMetrics] = web.AppKey("metrics", AggregatorMetrics)
 MAX_UPLOAD: web.AppKey[int] = web.AppKey("max_upload", int)
 TOKENS: web.AppKey[tuple[OperatorToken, ...]] = web.AppKey("tokens", tuple)
+# After an upload larger than this the connection is closed. An idle kept-alive TLS connection keeps buffers in
+# proportion to the last large body it carried (bench/scale.py: ≈1.7 MB per idle connection after 4 MB uploads,
+# so memory grew with the number of sites); a handshake per round costs little next to such a body, while small
+# models (the common case, and the latency benchmark) keep their persistent connections.
+CLOSE_AFTER_BYTES = 1 << 20
 OPERATOR = "fedsilo.operator"
 routes = web.RouteTableDef()
 
@@ -93,11 +99,16 @@ async def reject(
 @routes.post("/api/v1/jobs")
 @operator("admin")
 async def submit_job(request: web.Request) -> web.Response:
-    text = await request.text()
+    try:
+        text = (await request.read()).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return error(400, "unparseable_job", f"the body is not UTF-8 text: {exc}")
     try:
         data = json.loads(text) if request.content_type == "application/json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         return error(400, "unparseable_job", f"the body is not valid JSON/YAML: {exc}")
+    except RecursionError:
+        return error(400, "unparseable_job", "the body is nested too deeply to be a job")
     if not isinstance(data, dict):
         return error(400, "invalid_job", "a job must be a mapping", errors=[])
     try:
@@ -115,11 +126,25 @@ async def submit_job(request: web.Request) -> web.Response:
 async def list_jobs(request: web.Request) -> web.Response:
     app = request.app
     jobs = await app[ENGINE].db(app[STORE].list_jobs, None)
+    deadlines = await app[ENGINE].db(_open_deadlines, app[STORE], [j for j in jobs if j.state == "running"])
     return web.json_response([
         {"job_id": j.job_id, "name": j.spec.name, "state": j.state, "round": min(j.round, j.spec.rounds),
-         "rounds": j.spec.rounds, "reason": j.reason, "created_at": j.created_at}
+         "rounds": j.spec.rounds, "reason": j.reason, "created_at": j.created_at,
+         "updated_at": j.updated_at, "paused": j.paused, "min_sites": j.spec.min_sites, "quorum": j.spec.quorum,
+         "sites": list(j.spec.sites), "round_deadline_s": j.spec.round_deadline_s,
+         "deadline": deadlines.get(j.job_id)}
         for j in jobs
     ])
+
+
+def _open_deadlines(store: StateStore, jobs: list[JobRow]) -> dict[str, float]:
+    """The deadline of each running job's open round (none between rounds, e.g. while a job is paused)."""
+    out: dict[str, float] = {}
+    for j in jobs:
+        rnd = store.get_round(j.job_id, j.round)
+        if rnd is not None and rnd.state == "open":
+            out[j.job_id] = rnd.deadline
+    return out
 
 
 @routes.get("/api/v1/jobs/{job_id}")
@@ -188,6 +213,22 @@ async def rejections(request: web.Request) -> web.Response:
     return web.json_response(await app[ENGINE].db(app[STORE].rejections, request.query.get("job_id"), 1000))
 
 
+@routes.get("/api/v1/decisions")
+@operator("viewer")
+async def decisions(request: web.Request) -> web.Response:
+    """Every site's answer to every job offered to it (reasons, ε spent in that job): the console's site view."""
+    app = request.app
+    return web.json_response(await app[ENGINE].db(app[STORE].site_decisions, request.query.get("site")))
+
+
+@routes.get("/api/v1/me")
+@operator("viewer")
+async def whoami(request: web.Request) -> web.Response:
+    """Who the caller is authenticated as, so a client can offer only what its role allows."""
+    who: Identity = request[OPERATOR]
+    return web.json_response({"name": who.name, "role": who.role})
+
+
 # ---------------------------------------------------------------- agents
 @routes.get("/api/v1/blobs/{sha}")
 async def get_blob(request: web.Request) -> web.Response:
@@ -233,7 +274,10 @@ async def upload_update(request: web.Request) -> web.Response:
             ack = await app[ENGINE].receive_update(site, env, body)
         except Rejection as r:
             return await reject(request, r, site, job_id, rnd)
-        return web.json_response(ack)
+        response = web.json_response(ack)
+        if len(body) > CLOSE_AFTER_BYTES:
+            response.force_close()
+        return response
 
 
 @routes.post("/api/v1/jobs/{job_id}/rounds/{round}/evaluation")
@@ -271,9 +315,21 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+@routes.get("/openapi.json")
+async def openapi_document(request: web.Request) -> web.Response:
+    return web.json_response(openapi.document())
+
+
+MAX_ROUND = 1_000_000  # far beyond any job (JobSpec.rounds ≤ 10,000), well inside every store's integer column
+
+
 def _int(text: str) -> int:
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
-        raise web.HTTPBadRequest(text=json.dumps({"error": "bad_round", "detail": "round must be an integer"}),
-                                 content_type="application/json") from None
+        value = -1
+    if not 0 <= value <= MAX_ROUND:
+        detail = f"round must be an integer from 0 to {MAX_ROUND}"
+        raise web.HTTPBadRequest(text=json.dumps({"error": "bad_round", "detail": detail}),
+                                 content_type="application/json")
+    return value

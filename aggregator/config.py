@@ -17,7 +17,7 @@ from federation.transport import BrokerConfig, TLSConfig
 class AggregatorConfig(Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=0, le=65535)
-    state_url: str = "sqlite:///var/fedsilo/aggregator/state.db"
+    state_url: str = "sqlite:////var/fedsilo/aggregator/state.db"  # sqlite:///REL or sqlite:////ABS, as SQLAlchemy
     blob_url: str = "file:///var/fedsilo/aggregator/blobs"
     report_dir: Path = Path("/var/fedsilo/aggregator/reports")
     broker: BrokerConfig = BrokerConfig(port=8883)

@@ -153,6 +153,11 @@ class StateStore(ABC):
     def sites(self) -> list[dict[str, Any]]: ...
 
     @abstractmethod
+    def site_decisions(self, site: str | None = None) -> list[dict[str, Any]]:
+        """Each site's decision on each job offered to it, newest first, with the job's state and the ε the
+        site reported with its latest update in that job (None before its first update)."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
 
@@ -353,6 +358,17 @@ class SqlStore(StateStore):
         rows = self._query("SELECT * FROM sites ORDER BY site")
         return [{"site": r["site"], "state": r["state"], "at": r["at"], **json.loads(r["info"])} for r in rows]
 
+    def site_decisions(self, site: str | None = None) -> list[dict[str, Any]]:
+        where, params = ("WHERE s.site=?", (site,)) if site is not None else ("", ())
+        rows = self._query(
+            "SELECT s.job_id, s.site, s.decision, s.reasons, s.epsilon_planned, s.at, j.state AS job_state,"
+            " (SELECT u.epsilon FROM updates u WHERE u.job_id=s.job_id AND u.site=s.site"
+            "  ORDER BY u.round DESC LIMIT 1) AS epsilon_spent"
+            f" FROM job_sites s JOIN jobs j ON j.job_id=s.job_id {where} ORDER BY s.at DESC, s.job_id, s.site",
+            params,
+        )
+        return [{**r, "reasons": json.loads(r["reasons"])} for r in rows]
+
 
 class SQLiteStore(SqlStore):
     """The default: one file, WAL journal, fsync on every commit (`synchronous=FULL`)."""
@@ -429,7 +445,8 @@ def _job(row: Row) -> JobRow:
 
 
 def open_store(url: str) -> StateStore:
-    """Pick an implementation from a URL: `sqlite:///path/to/state.db` (the default) or `postgresql://...`."""
+    """Pick an implementation from a URL: `sqlite:///relative.db` or `sqlite:////absolute.db` (as SQLAlchemy
+    reads them) or `postgresql://...`."""
     if url.startswith("sqlite:///"):
         return SQLiteStore(Path(url.removeprefix("sqlite:///")))
     if url.startswith(("postgresql://", "postgres://")):

@@ -1,0 +1,280 @@
+"""The OpenAPI 3.1 document of the aggregator's REST API, served at `/openapi.json`.
+
+Request bodies come from the pydantic models the handlers validate with (`JobSpec`, `EvaluationReport`,
+`UpdateEnvelope`); the response models below describe what the handlers return, so clients (the console,
+scripts, schemathesis) and people can rely on one description. `tests/api/test_openapi.py` checks that every
+registered route is documented here.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
+
+from federation.jobs import JobSpec
+from federation.messages import ENVELOPE_HEADER, EvalMetrics, EvaluationReport, UpdateEnvelope
+
+REF = "#/components/schemas/{model}"
+
+
+class ErrorBody(BaseModel):
+    """Every refusal: a stable code, a sentence, and for invalid jobs every bad field."""
+
+    error: str
+    detail: str
+    errors: list[dict[str, str]] | None = None
+
+
+class JobCreated(BaseModel):
+    job_id: str
+    state: Literal["offered"]
+
+
+class JobListItem(BaseModel):
+    job_id: str
+    name: str
+    state: str = Field(description="offered | running | finished | failed | cancelled")
+    round: int
+    rounds: int
+    reason: str
+    created_at: float
+    updated_at: float
+    paused: bool
+    min_sites: int
+    quorum: float
+    sites: list[str]
+    round_deadline_s: float
+    deadline: float | None = Field(description="epoch seconds at which the open round closes; null if none is open")
+
+
+class SiteAnswer(BaseModel):
+    decision: str = Field(description="offered | accepted | refused | stopped")
+    reasons: list[str]
+    epsilon: float | None
+
+
+class RoundHistory(BaseModel):
+    """Global model version `round`, as evaluated by the sites on their own validation splits."""
+
+    round: int
+    complete: bool
+    sites_reporting: int | None
+    samples: int | None
+    train_loss: float | None
+    duration_s: float | None
+    global_: EvalMetrics | None = Field(alias="global")
+    sites: dict[str, EvalMetrics]
+
+
+class RejectionRow(BaseModel):
+    id: int
+    job_id: str | None
+    round: int | None
+    site: str | None
+    reason: str
+    detail: str
+    at: float
+
+
+class JobSummary(BaseModel):
+    job_id: str
+    name: str
+    state: str
+    paused: bool
+    reason: str
+    requester: str
+    round: int
+    rounds: int
+    min_sites: int
+    model_sha256: str
+    created_at: float
+    updated_at: float
+    sites: dict[str, SiteAnswer]
+    history: list[RoundHistory]
+    training: list[dict[str, Any]] = Field(description="per training round, what each site reported with its update")
+    rejections: list[RejectionRow]
+    spec: dict[str, Any] = Field(description="the submitted JobSpec")
+
+
+class JobControl(BaseModel):
+    job_id: str
+    state: Literal["cancelled"] | None = None
+    paused: bool | None = None
+
+
+class SiteRow(BaseModel):
+    """A site as last heard of; further keys carry whatever the site's status reported."""
+
+    model_config = ConfigDict(extra="allow")
+    site: str
+    state: str = Field(description="online | offline")
+    at: float = Field(description="last seen, epoch seconds")
+
+
+class SiteDecisionRow(BaseModel):
+    job_id: str
+    site: str
+    decision: str
+    reasons: list[str]
+    epsilon_planned: float | None
+    epsilon_spent: float | None
+    at: float
+    job_state: str
+
+
+class Me(BaseModel):
+    name: str
+    role: Literal["viewer", "admin"]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class UploadAck(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+_MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
+    (JobSpec, "validation"), (EvaluationReport, "validation"), (UpdateEnvelope, "validation"),
+    (ErrorBody, "serialization"), (JobCreated, "serialization"), (JobListItem, "serialization"),
+    (JobSummary, "serialization"), (JobControl, "serialization"), (SiteRow, "serialization"),
+    (SiteDecisionRow, "serialization"), (RejectionRow, "serialization"), (Me, "serialization"),
+    (Health, "serialization"), (UploadAck, "serialization"),
+]
+OPERATOR: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"operatorCertificate": []}]
+SITE: list[dict[str, list[str]]] = [{"siteCertificate": []}]
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "invalid request", 401: "no identity", 403: "wrong role", 404: "not found",
+            409: "not possible in the job's state", 413: "body too large"}
+    return {str(c): _json(_ref(ErrorBody), text[c]) for c in codes}
+
+
+def _op(summary: str, responses: dict[str, Any], *, security: list[dict[str, list[str]]] | None = None,
+        parameters: list[dict[str, Any]] | None = None, body: dict[str, Any] | None = None, tag: str) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "tags": [tag], "responses": responses,
+                          "security": security if security is not None else []}
+    if parameters:
+        op["parameters"] = parameters
+    if body:
+        op["requestBody"] = body
+    return op
+
+
+def _path(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": schema}
+
+
+JOB_ID = _path("job_id", {"type": "string", "minLength": 1})
+ROUND = _path("round", {"type": "integer", "minimum": 0})
+CONTROL_ERRORS = (401, 403, 409)
+
+
+def _paths() -> dict[str, Any]:
+    job_text = {"type": "string", "description": "the JobSpec as YAML"}
+    control = {
+        action: {"post": _op(f"{action.capitalize()} a job (admin)", {
+            "200": _json(_ref(JobControl), f"the job is {action}d"), **_errors(*CONTROL_ERRORS)},
+            security=OPERATOR, parameters=[JOB_ID], tag="jobs")}
+        for action in ("cancel", "pause", "resume")
+    }
+    return {
+        "/api/v1/jobs": {
+            "post": _op("Submit a job (admin)", {"201": _json(_ref(JobCreated), "stored and offered to its sites"),
+                                                 **_errors(400, 401, 403)},
+                        security=OPERATOR, tag="jobs", body={"required": True, "content": {
+                            "application/json": {"schema": _ref(JobSpec)},
+                            "application/yaml": {"schema": job_text}}}),
+            "get": _op("List jobs", {"200": _json({"type": "array", "items": _ref(JobListItem)}, "all jobs"),
+                                     **_errors(401, 403)}, security=OPERATOR, tag="jobs"),
+        },
+        "/api/v1/jobs/{job_id}": {"get": _op(
+            "A job's summary: decisions, per-round global and per-site metrics, rejections",
+            {"200": _json(_ref(JobSummary), "the summary"), **_errors(401, 403, 404)},
+            security=OPERATOR, parameters=[JOB_ID], tag="jobs")},
+        **{f"/api/v1/jobs/{{job_id}}/{action}": ops for action, ops in control.items()},
+        "/api/v1/jobs/{job_id}/model": {"get": _op(
+            "The job's current global model (safetensors)",
+            {"200": {"description": "the model", "content": {"application/octet-stream": {
+                "schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
+             **_errors(401, 403, 404)},
+            security=OPERATOR, parameters=[JOB_ID], tag="jobs")},
+        "/api/v1/sites": {"get": _op(
+            "Sites, online or offline, with their last status",
+            {"200": _json({"type": "array", "items": _ref(SiteRow)}, "every site heard of"), **_errors(401, 403)},
+            security=OPERATOR, tag="sites")},
+        "/api/v1/decisions": {"get": _op(
+            "Each site's answer to each job offered to it",
+            {"200": _json({"type": "array", "items": _ref(SiteDecisionRow)}, "newest first"), **_errors(401, 403)},
+            security=OPERATOR, tag="sites",
+            parameters=[{"name": "site", "in": "query", "required": False, "schema": {"type": "string"}}])},
+        "/api/v1/rejections": {"get": _op(
+            "Refused uploads with their reasons (newest first, at most 1000)",
+            {"200": _json({"type": "array", "items": _ref(RejectionRow)}, "rejections"), **_errors(401, 403)},
+            security=OPERATOR, tag="jobs",
+            parameters=[{"name": "job_id", "in": "query", "required": False, "schema": {"type": "string"}}])},
+        "/api/v1/me": {"get": _op("The caller's operator identity and role",
+                                  {"200": _json(_ref(Me), "who you are"), **_errors(401, 403)},
+                                  security=OPERATOR, tag="operators")},
+        "/api/v1/blobs/{sha}": {"get": _op(
+            "A global model by its sha256 (sites only)",
+            {"200": {"description": "the model", "content": {"application/octet-stream": {
+                "schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}},
+             **_errors(401, 403, 404)},
+            security=SITE, parameters=[_path("sha", {"type": "string"})], tag="sites")},
+        "/api/v1/jobs/{job_id}/rounds/{round}/update": {"post": _op(
+            "Upload a site's privatized update (safetensors body, envelope in a header)",
+            {"200": _json(_ref(UploadAck), "stored durably"), **_errors(400, 401, 403, 404, 409, 413)},
+            security=SITE, tag="sites",
+            parameters=[JOB_ID, ROUND, {"name": ENVELOPE_HEADER, "in": "header", "required": True,
+                                        "description": "the UpdateEnvelope as JSON",
+                                        "schema": {"type": "string"}}],
+            body={"required": True, "content": {"application/octet-stream": {
+                "schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}})},
+        "/api/v1/jobs/{job_id}/rounds/{round}/evaluation": {"post": _op(
+            "Upload a site's evaluation of a global model",
+            {"200": _json(_ref(UploadAck), "recorded"), **_errors(400, 401, 403, 404, 409)},
+            security=SITE, tag="sites", parameters=[JOB_ID, ROUND],
+            body={"required": True, "content": {"application/json": {"schema": _ref(EvaluationReport)}}})},
+        "/healthz": {"get": _op("Liveness", {"200": _json(_ref(Health), "alive")}, tag="operations")},
+        "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text exposition format", "content": {
+            "text/plain": {"schema": {"type": "string"}}}}}, tag="operations")},
+        "/openapi.json": {"get": _op("This document", {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+                                     tag="operations")},
+    }
+
+
+@cache
+def document() -> dict[str, Any]:
+    """The whole OpenAPI 3.1 document (built once; it depends only on the code)."""
+    _, defs = models_json_schema(_MODELS, ref_template=REF)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "fedsilo aggregator", "version": "1",
+                 "description": "Operators submit and follow jobs; hospital sites fetch models and upload "
+                                "privatized updates. Sites authenticate with client certificates issued by the "
+                                "federation CA; operators with a bearer token or an operator certificate."},
+        "paths": _paths(),
+        "components": {
+            "schemas": defs.get("$defs", {}),
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer",
+                               "description": "an operator token (`fedsilo operator token`), role viewer or admin"},
+                "operatorCertificate": {"type": "mutualTLS", "description": "an operator certificate (admin)"},
+                "siteCertificate": {"type": "mutualTLS", "description": "a site certificate (OU=site)"},
+            },
+        },
+    }
