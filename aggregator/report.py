@@ -1,16 +1,22 @@
-"""A job's summary (served by the API) and its report on disk: metrics JSON/CSV, a PNG plot, the final model."""
+"""A job's summary (served by the API) and its report on disk: metrics JSON/CSV, PNG plots, a self-contained HTML
+report and the final model."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aggregator.blobs import BlobStore
 from aggregator.engine import weighted
 from aggregator.store import StateStore
+
+if TYPE_CHECKING:
+    from aggregator.config import AggregatorConfig
+    from aggregator.tracking.sink import Record
 
 
 def job_summary(store: StateStore, job_id: str) -> dict[str, Any] | None:
@@ -100,7 +106,100 @@ def write_report(store: StateStore, blobs: BlobStore, job_id: str, out_root: Pat
     os.replace(tmp, out / "metrics.csv")
     _plot(summary, out / "metrics.png")
     _atomic_write(out / "model.safetensors", blobs.get(summary["model_sha256"]))
+    write_html_report(summary, out)
     return out
+
+
+def write_html_report(summary: dict[str, Any], out: Path) -> Path:
+    """`curves-global.png`, `curves-sites.png` and the self-contained `report.html` (plots inlined)."""
+    from aggregator.tracking.html import render
+
+    plots = {
+        "Global model: sample-weighted validation AUC and loss per round": _plot_global(summary),
+        "Each site: validation AUC and loss of the global model per round": _plot_sites(summary),
+    }
+    for name, png in zip(("curves-global.png", "curves-sites.png"), plots.values(), strict=True):
+        _atomic_write(out / name, png)
+    _atomic_write(out / "report.html", render(summary, plots).encode())
+    return out / "report.html"
+
+
+def regenerate(cfg: AggregatorConfig, job_id: str) -> Path:
+    """Rebuild a job's report folder from the aggregator's state (`fedsilo report JOB_ID`): the report files,
+    and the local tracking files replayed from the same records the tracking hub sends."""
+    from aggregator.blobs import open_blobs
+    from aggregator.store import open_store
+    from aggregator.tracking.local import LocalSink
+    from aggregator.tracking.records import records_for
+    from aggregator.tracking.sink import deliver
+
+    store = open_store(cfg.state_url)
+    try:
+        out = write_report(store, open_blobs(cfg.blob_url), job_id, cfg.report_dir)
+        summary = job_summary(store, job_id)
+    finally:
+        store.close()
+    assert summary is not None
+    if cfg.tracking.local.enabled:
+        sm = cfg.tracking.sagemaker
+        records = records_for(summary, sm.experiment_prefix if sm else "fed-heart-disease", cfg.report_dir)
+        sink = LocalSink(cfg.report_dir)
+        runs: dict[str, list[Record]] = {}
+        for r in records:
+            runs.setdefault(r.run.name, []).append(r)
+        for recs in runs.values():
+            deliver(sink, recs[0].run, recs)
+    return out
+
+
+def _figure(ncols: int, nrows: int = 1, width: float = 5.5, height: float = 3.8) -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+
+
+def _png(fig: Any, axes: Any) -> bytes:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in axes.flat:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _plot_global(summary: dict[str, Any]) -> bytes:
+    hist = [h for h in summary["history"] if h["global"]]
+    fig, axes = _figure(2)
+    rounds = [h["round"] for h in hist]
+    for ax, key, label in ((axes[0][0], "auc", "AUC"), (axes[0][1], "loss", "BCE loss")):
+        ax.plot(rounds, [h["global"][key] for h in hist], "k-o", lw=2, label="global (weighted mean)")
+        ax.set(title=f"Global validation {label}", xlabel="round (global model version)", ylabel=label)
+    train = [(h["round"], h["train_loss"]) for h in summary["history"] if h["train_loss"] is not None]
+    if train:
+        axes[0][1].plot([r for r, _ in train], [v for _, v in train], "--", color="grey",
+                        label="local training loss (weighted)")
+    return _png(fig, axes)
+
+
+def _plot_sites(summary: dict[str, Any]) -> bytes:
+    fig, axes = _figure(2)
+    sites = sorted({s for h in summary["history"] for s in h["sites"]})
+    for ax, key, label in ((axes[0][0], "auc", "AUC"), (axes[0][1], "loss", "BCE loss")):
+        for site in sites:
+            pts = [(h["round"], h["sites"][site][key]) for h in summary["history"] if site in h["sites"]]
+            ax.plot([r for r, _ in pts], [v for _, v in pts], "-o", ms=3, label=site)
+        ax.set(title=f"Validation {label} at each site", xlabel="round (global model version)", ylabel=label)
+    return _png(fig, axes)
 
 
 def _plot(summary: dict[str, Any], path: Path) -> None:

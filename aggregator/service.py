@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from aggregator import api
 from aggregator.blobs import open_blobs
 from aggregator.config import AggregatorConfig
+from aggregator.console import add_console
 from aggregator.engine import RoundEngine
 from aggregator.metrics import AggregatorMetrics
 from aggregator.report import job_summary, write_report
@@ -60,7 +61,7 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     broker = cfg.broker if cfg.broker.tls is not None else cfg.broker.model_copy(update={"tls": cfg.tls})
     link = MqttLink("fedsilo-aggregator", broker, on_message, subscriptions=[topics.status(), topics.events()])
 
-    tracking = TrackingHub(cfg.tracking, metrics.registry)
+    tracking = TrackingHub(cfg.tracking, metrics.registry, cfg.report_dir, cfg.state_url)
 
     async def on_job_event(job_id: str, event: str) -> None:
         if event in ("finished", "failed", "cancelled"):
@@ -76,10 +77,12 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     app[api.MAX_UPLOAD] = cfg.max_upload_bytes
     app[api.TOKENS] = cfg.operators
     app.add_routes(api.routes)
+    add_console(app)  # static files only; the page reads everything through the API above
 
     async def startup(_: web.Application) -> None:
         await link.start()
         await engine.recover()
+        await tracking.start()  # drains records a previous run left in the outbox
         background.append(asyncio.create_task(engine.run_site_sweeper(cfg.site_timeout_s)))
         log.info("aggregator_started", host=cfg.host, port=cfg.port, tls=cfg.tls is not None)
 
@@ -103,4 +106,5 @@ def serve(cfg: AggregatorConfig) -> None:
     # presented; every site and operator endpoint then requires one (`api.authorize`).
     ssl_ctx = cfg.tls.server_context(require_client_cert=False)
     web.run_app(app, host=cfg.host, port=cfg.port, ssl_context=ssl_ctx, print=None, access_log=None,
+                keepalive_timeout=cfg.http_keepalive_s,
                 handle_signals=True)

@@ -53,5 +53,6 @@ def _print_outcome(summary: dict[str, Any], report: Path, wall: float) -> None:
     if state == "finished":
         final = summary["history"][-1]["global"]
         console.print(f"final global model: validation AUC {final['auc']:.4f}, loss {final['loss']:.4f}")
-        for name in ("metrics.json", "metrics.csv", "metrics.png", "model.safetensors"):
-            console.print(f"  {report / name}")
+        for name in ("report.html", "metrics.json", "metrics.csv", "metrics.png", "model.safetensors"):
+            if (report / name).exists():  # report.html comes from the local tracking sink, if it is on
+                console.print(f"  {report / name}")

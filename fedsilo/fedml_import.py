@@ -296,8 +296,8 @@ def import_fedml(path: Path, sites: list[str] | None = None, template: Path | No
     if tr.sm_experiment_name is not None:
         tags["experiment"] = tr.sm_experiment_name
         mapped("tracking_args.sm_experiment_name", tr.sm_experiment_name,
-               f"tags.experiment: {tr.sm_experiment_name} (a job has no tracking field; the SageMaker Experiments "
-               "prefix is the aggregator's tracking experiment_prefix)")
+               f"tags.experiment: {tr.sm_experiment_name} (the job's SageMaker Experiments prefix, in place of the "
+               "aggregator's tracking experiment_prefix)")
 
     # comm_args: replaced as a whole.
     if "comm_args" in raw:
