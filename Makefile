@@ -7,6 +7,7 @@ install:
 
 install-test:
 	bash scripts/bootstrap.sh test
+	bash scripts/install-deploy-tools.sh
 
 demo: install
 	.venv/bin/fedsilo demo

@@ -1,0 +1,82 @@
+variable "region" {
+  description = "AWS region of every cluster and of the model bucket."
+  type        = string
+  default     = "eu-central-1"
+}
+
+variable "name" {
+  description = "Prefix of every resource name (clusters, VPCs, bucket, roles)."
+  type        = string
+  default     = "fedsilo"
+}
+
+variable "hospitals" {
+  description = "One VPC and EKS cluster per hospital, each named after the site (the CN of its certificate)."
+  type        = list(string)
+  default     = ["cleveland", "hungary", "switzerland", "va-long-beach"]
+
+  validation {
+    condition     = alltrue([for h in var.hospitals : can(regex("^[a-z0-9][a-z0-9-]{0,30}$", h))])
+    error_message = "Hospital names are site names: lower-case letters, digits and dashes, at most 31 characters."
+  }
+}
+
+variable "kubernetes_version" {
+  description = "EKS Kubernetes version of every cluster."
+  type        = string
+  default     = "1.33"
+}
+
+variable "aggregator_vpc_cidr" {
+  description = "CIDR of the aggregator's VPC."
+  type        = string
+  default     = "10.10.0.0/16"
+}
+
+variable "hospital_vpc_cidr_base" {
+  description = "Hospital VPCs get consecutive /16 blocks from this /8 (10.100.0.0/16, 10.101.0.0/16, ...): no overlap with the aggregator's."
+  type        = string
+  default     = "10.0.0.0/8"
+}
+
+variable "hospital_vpc_cidr_offset" {
+  description = "Index of the first hospital's /16 inside hospital_vpc_cidr_base."
+  type        = number
+  default     = 100
+}
+
+variable "aggregator_node_instance_type" {
+  description = "Instance type of the aggregator cluster's nodes (aggregation is memory-bound: O(model))."
+  type        = string
+  default     = "m6i.large"
+}
+
+variable "hospital_node_instance_type" {
+  description = "Instance type of each hospital cluster's nodes (local CPU training of small tabular models)."
+  type        = string
+  default     = "t3.large"
+}
+
+variable "cluster_endpoint_public_access_cidrs" {
+  description = "Who may reach the EKS API endpoints (the operators' addresses). Empty: private endpoints only."
+  type        = list(string)
+  default     = []
+}
+
+variable "aggregator_chart_values" {
+  description = "Extra values files (YAML text) for the aggregator chart: TLS and signing Secrets, sites, operators, ingress."
+  type        = list(string)
+  default     = []
+}
+
+variable "image_tag" {
+  description = "Tag of the fedsilo images the charts install."
+  type        = string
+  default     = "0.1.0"
+}
+
+variable "tags" {
+  description = "Tags added to every AWS resource."
+  type        = map(string)
+  default     = {}
+}

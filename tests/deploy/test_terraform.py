@@ -1,0 +1,111 @@
+"""The Terraform under deploy/terraform, checked offline: `terraform init` cannot fetch providers or modules
+here, so every file is parsed with python-hcl2; every variable and output must be documented, every registry
+module pinned to one exact version and every provider constrained. `terraform fmt -check` runs where a
+terraform binary exists (`terraform validate` needs `init`, hence network access: see the README)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import hcl2
+import pytest
+
+from tests.deploy._tools import TERRAFORM, optional_tool
+
+EXACT_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+CONFIGURATIONS = [TERRAFORM, TERRAFORM / "agent-release"]
+
+
+def clean(value: Any) -> Any:
+    """python-hcl2 8 keeps string quotes and marks blocks with `__is_block__`: plain values instead."""
+    if isinstance(value, dict):
+        return {str(k).strip('"'): clean(v) for k, v in value.items() if not str(k).startswith("__")}
+    if isinstance(value, list):
+        return [clean(v) for v in value]
+    if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
+        return value[1:-1]
+    return value
+
+
+def parsed(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
+    files = sorted(directory.glob("*.tf"))
+    assert files, f"no Terraform files in {directory}"
+    out = []
+    for f in files:
+        with f.open() as fh:
+            out.append((f, clean(hcl2.load(fh))))
+    return out
+
+
+def blocks(directory: Path, kind: str) -> dict[str, dict[str, Any]]:
+    """Named blocks of one kind (variable, output, module) across a configuration's files."""
+    found: dict[str, dict[str, Any]] = {}
+    for path, doc in parsed(directory):
+        for entry in doc.get(kind, []):
+            for name, body in entry.items():
+                assert name not in found, f"{kind} {name} declared twice ({path.name})"
+                found[name] = body
+    return found
+
+
+@pytest.mark.parametrize("directory", CONFIGURATIONS, ids=lambda p: p.name)
+def test_variables_and_outputs_are_documented(directory: Path) -> None:
+    variables, outputs = blocks(directory, "variable"), blocks(directory, "output")
+    assert variables and outputs
+    for kind, items in (("variable", variables), ("output", outputs)):
+        for name, body in items.items():
+            description = str(body.get("description", ""))
+            assert len(description.split()) >= 3, f"{kind} {name} has no description"
+    for name, body in variables.items():
+        assert "type" in body, f"variable {name} has no type"
+
+
+@pytest.mark.parametrize("directory", CONFIGURATIONS, ids=lambda p: p.name)
+def test_modules_and_providers_are_pinned(directory: Path) -> None:
+    for name, body in blocks(directory, "module").items():
+        source = str(body["source"])
+        if source.startswith(("./", "../")):
+            continue
+        assert source.startswith("terraform-aws-modules/"), f"module {name}: {source} is not a maintained module"
+        version = str(body.get("version", ""))
+        assert EXACT_VERSION.match(version), f"module {name} ({source}) is not pinned to one version: {version!r}"
+    required = [p for _, doc in parsed(directory) for t in doc.get("terraform", [])
+                for providers in t.get("required_providers", []) for p in [providers]]
+    assert required, "no required_providers block"
+    for providers in required:
+        for name, spec in providers.items():
+            assert spec.get("version"), f"provider {name} has no version constraint"
+
+
+def test_reference_topology() -> None:
+    variables = blocks(TERRAFORM, "variable")
+    assert variables["hospitals"]["default"] == ["cleveland", "hungary", "switzerland", "va-long-beach"]
+    modules = blocks(TERRAFORM, "module")
+    assert {"aggregator_vpc", "aggregator_eks", "hospital_vpc", "hospital_eks", "aggregator_irsa"} <= set(modules)
+    for per_hospital in ("hospital_vpc", "hospital_eks"):
+        assert "for_each" in modules[per_hospital], f"{per_hospital} must exist once per hospital"
+    assert modules["hospital_eks"]["enable_irsa"] is False, "agents get no AWS role"
+    resources: dict[str, set[str]] = {}
+    for _, doc in parsed(TERRAFORM):
+        for entry in doc.get("resource", []):
+            for kind, named in entry.items():
+                resources.setdefault(kind, set()).update(named)
+    for kind in ("aws_s3_bucket", "aws_s3_bucket_versioning", "aws_s3_bucket_server_side_encryption_configuration",
+                 "aws_s3_bucket_public_access_block", "helm_release"):
+        assert kind in resources, f"no {kind}"
+    agent_release = [doc for _, doc in parsed(TERRAFORM / "agent-release")]
+    assert any("helm_release" in entry for doc in agent_release for entry in doc.get("resource", []))
+
+
+def test_terraform_fmt() -> None:
+    terraform = optional_tool("terraform")
+    if terraform is None:
+        # Not a skip: the checks above ran; only the formatting check needs the binary.
+        print("terraform is not installed here: `terraform fmt -check` not run (the HCL was parsed and checked)")
+        return
+    proc = subprocess.run([str(terraform), "fmt", "-check", "-recursive", "-diff", str(TERRAFORM)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"terraform fmt would change:\n{proc.stdout}{proc.stderr}"
