@@ -21,6 +21,7 @@ from agent.fedml_adapter import TrainerRegistration, trainer_refusals
 from agent.privacy import job_epsilon
 from federation.jobs import JobSpec
 from federation.models import build_model, get_weights, parameter_count
+from federation.privacy import epsilon_for
 from federation.schema import Frozen
 
 # Metrics the agent knows how to compute as aggregates over its validation records. Nothing else can be
@@ -172,7 +173,12 @@ def evaluate(
                     r.append(f"cohort of {data.n_train + data.n_val} records is below this site's minimum "
                              f"{ds.min_cohort}")
     p, pp = spec.privacy, policy.privacy
-    if p.noise_multiplier < pp.min_noise_multiplier:
+    if p.noise_multiplier < pp.min_noise_multiplier and p.target_epsilon is not None:
+        floor_eps = epsilon_for(pp.min_noise_multiplier, spec.rounds, p.delta)
+        r.append(f"target ε {p.target_epsilon:g} over {spec.rounds} rounds (δ {p.delta:g}) needs noise multiplier "
+                 f"{p.noise_multiplier:.3f}, below this site's floor {pp.min_noise_multiplier} (which allows at most "
+                 f"ε {floor_eps:.2f} for these rounds)")
+    elif p.noise_multiplier < pp.min_noise_multiplier:
         r.append(f"noise multiplier {p.noise_multiplier} is below this site's floor {pp.min_noise_multiplier}")
     if p.clip_norm > pp.max_clip_norm:
         r.append(f"clip norm {p.clip_norm} is above this site's ceiling {pp.max_clip_norm}")

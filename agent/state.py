@@ -26,6 +26,8 @@ CREATE TABLE IF NOT EXISTS releases (
   job_id TEXT NOT NULL, round INTEGER NOT NULL, dataset TEXT NOT NULL, noise_multiplier REAL NOT NULL,
   epsilon REAL NOT NULL, payload BLOB NOT NULL, envelope TEXT NOT NULL, sent INTEGER NOT NULL DEFAULT 0,
   at REAL NOT NULL, PRIMARY KEY (job_id, round));
+-- Covering index for the ledger queries: without it every budget check walks each release's payload pages.
+CREATE INDEX IF NOT EXISTS releases_ledger ON releases (dataset, at, job_id, epsilon);
 """
 
 

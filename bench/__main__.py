@@ -1,5 +1,23 @@
-"""`make bench`: every benchmark in turn."""
+"""`python -m bench [NAME [options]]`: one benchmark by name, or (no name, as `make bench` runs it) the accuracy,
+latency and privacy–utility benchmarks in turn. `scale` runs only by name: its default matrix takes long."""
 
-from bench import accuracy
+import sys
+from collections.abc import Callable
 
-accuracy.main()
+from bench import accuracy, latency, privacy_utility, scale
+
+ONE: dict[str, Callable[[list[str]], None]] = {
+    "accuracy": lambda _argv: accuracy.main(),
+    "latency": latency.main,
+    "privacy-utility": privacy_utility.main,
+    "scale": scale.main,
+}
+
+if len(sys.argv) > 1:
+    if sys.argv[1] not in ONE:
+        sys.exit(f"unknown benchmark {sys.argv[1]!r}; choose one of: {', '.join(ONE)}")
+    ONE[sys.argv[1]](sys.argv[2:])
+else:
+    accuracy.main()
+    latency.main([])
+    privacy_utility.main([])

@@ -8,8 +8,12 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from federation.models import registered_models
+from federation.privacy import calibrate_noise, epsilon_for
 from federation.schema import FeatureSchema, Frozen
 
+# Record-level ε depends on each site's record count (sampling rate, steps): no single σ fits every site.
+TARGET_IS_UPDATE_LEVEL = ("target_epsilon is for update-level DP (unit: site); with unit: record give "
+                          "record_noise_multiplier and let each site's policy check the ε it projects")
 SiteName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9\-]{0,62}$")]
 
 
@@ -47,10 +51,14 @@ class Hyperparameters(Frozen):
 class PrivacySpec(Frozen):
     """Update-level DP always applies: each site's round delta is clipped to `clip_norm` and noised with
     std σ·C. `unit: record` adds DP-SGD during local training (per-example clipping to `record_clip_norm`,
-    noise `record_noise_multiplier`), and the ε accounted is then the record-level one."""
+    noise `record_noise_multiplier`), and the ε accounted is then the record-level one.
+
+    A job may state `target_epsilon` (update-level, at `delta`, over the job's rounds) instead of
+    `noise_multiplier`: `JobSpec` calibrates σ with the accountant and keeps both."""
 
     clip_norm: float = Field(gt=0, le=1e6)
     noise_multiplier: float = Field(ge=0, le=1e4)
+    target_epsilon: float | None = Field(default=None, gt=0, le=1e4)
     delta: float = Field(default=1e-5, gt=0, lt=1)
     # Noise-free training leaks the raw update: only allowed when the job says so in so many words.
     allow_no_noise: bool = False
@@ -66,6 +74,8 @@ class PrivacySpec(Frozen):
             raise ValueError("unit: record needs record_clip_norm and record_noise_multiplier")
         if self.unit == "site" and (self.record_clip_norm is not None or self.record_noise_multiplier is not None):
             raise ValueError("record_clip_norm / record_noise_multiplier apply only with unit: record")
+        if self.target_epsilon is not None and self.unit == "record":
+            raise ValueError(TARGET_IS_UPDATE_LEVEL)
         return self
 
 
@@ -121,6 +131,25 @@ class JobSpec(Frozen):
     )
     tags: dict[str, str] = Field(default_factory=dict, max_length=64)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _calibrate(cls, data: Any) -> Any:
+        """Resolve `privacy.target_epsilon` to a noise multiplier for this job's rounds, once, deterministically."""
+        privacy = data.get("privacy") if isinstance(data, dict) else None
+        if not isinstance(privacy, dict) or privacy.get("target_epsilon") is None \
+                or privacy.get("noise_multiplier") is not None:
+            return data
+        if privacy.get("unit", "site") != "site":
+            raise ValueError(TARGET_IS_UPDATE_LEVEL)
+        try:
+            target, rounds = float(privacy["target_epsilon"]), int(data["rounds"])
+            delta = float(privacy.get("delta", PrivacySpec.model_fields["delta"].default))
+        except (KeyError, TypeError, ValueError):
+            return data  # field validation reports what is wrong
+        if target <= 0 or rounds < 1 or not 0 < delta < 1:
+            return data
+        return {**data, "privacy": {**privacy, "noise_multiplier": calibrate_noise(target, rounds, delta)}}
+
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
         if len(set(self.sites)) != len(self.sites):
@@ -130,6 +159,12 @@ class JobSpec(Frozen):
         if self.aggregation == "fedprox" and self.privacy.unit == "record":
             # Opacus clips per-sample gradients of the data loss; a proximal term is not per-sample.
             raise ValueError("fedprox is not available with record-level DP (privacy.unit: record)")
+        p = self.privacy
+        if p.target_epsilon is not None:
+            eps = epsilon_for(p.noise_multiplier, self.rounds, p.delta)
+            if eps > p.target_epsilon:
+                raise ValueError(f"noise_multiplier {p.noise_multiplier:g} gives ε {eps:.3g} over {self.rounds} "
+                                 f"rounds, above target_epsilon {p.target_epsilon:g}; omit it to calibrate")
         return self
 
     @classmethod

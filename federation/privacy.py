@@ -6,6 +6,7 @@ on the send path. Accounting uses dp-accounting's RDP accountant rather than clo
 
 from __future__ import annotations
 
+import functools
 import math
 
 import dp_accounting
@@ -14,6 +15,7 @@ import numpy as np
 from federation.models import Weights
 from federation.tensors import l2_norm
 
+MAX_NOISE_MULTIPLIER = 1e4  # the largest σ a job may state (`federation.jobs.PrivacySpec`)
 RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
 
 
@@ -52,3 +54,32 @@ def epsilon_for(noise_multiplier: float, rounds: int, delta: float, sampling_rat
         event = dp_accounting.PoissonSampledDpEvent(sampling_rate, event)
     accountant.compose(event, rounds)
     return float(accountant.get_epsilon(delta))
+
+
+@functools.lru_cache(maxsize=256)
+def calibrate_noise(target_epsilon: float, rounds: int, delta: float, rel_tol: float = 1e-3) -> float:
+    """The smallest noise multiplier σ (to `rel_tol`) whose ε after `rounds` full-participation releases at `delta`
+    is at most `target_epsilon`: bisection on `epsilon_for`, which falls as σ grows.
+
+    Deterministic (same inputs, same σ on every machine running the same accountant), so the aggregator and every
+    agent resolve a job's target to the same σ. Raises ValueError when no σ up to `MAX_NOISE_MULTIPLIER` meets it.
+    """
+    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
+        raise ValueError(f"target ε must be positive and finite, got {target_epsilon}")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    hi = 1.0
+    while epsilon_for(hi, rounds, delta) > target_epsilon:
+        if hi >= MAX_NOISE_MULTIPLIER:
+            raise ValueError(f"target ε {target_epsilon:g} over {rounds} rounds at δ {delta:g} needs a noise "
+                             f"multiplier above {MAX_NOISE_MULTIPLIER:g}")
+        hi = min(hi * 2, MAX_NOISE_MULTIPLIER)
+    lo = 0.0 if hi == 1.0 else hi / 2
+    # Invariant: ε(hi) ≤ target < ε(lo). Stop once ε(hi) is within rel_tol below the target.
+    while epsilon_for(hi, rounds, delta) < target_epsilon * (1 - rel_tol) and hi - lo > 1e-9:
+        mid = (lo + hi) / 2
+        if epsilon_for(mid, rounds, delta) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi

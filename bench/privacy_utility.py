@@ -1,0 +1,190 @@
+"""Privacy–utility: pooled-validation AUC for a target ε, on the real deployment.
+
+For each target ε ∈ {1, 2, 4, 8, 16} at δ = 1e-5 the job states `privacy.target_epsilon`; the system calibrates
+the noise multiplier σ for the job's rounds with the RDP accountant (`federation.privacy.calibrate_noise`), each
+agent's policy checks and its ledger accounts that σ, and the ε reported back is the accountant's. The guarantee
+is **update-level, per site, per job**: it bounds what the aggregator (or anyone seeing the updates) can learn
+about a hospital's whole contribution to the job, all its records at once. Record-level DP-SGD (`unit: record`)
+protects each patient record instead, a narrower guarantee with a different ε; this table does not measure it.
+
+The configuration per ε (rounds, local epochs, learning rate, clip norm, server learning rate) comes from a small
+grid searched in-process (`--search`) with the same code the agents and aggregator run (data split and encoding,
+`train_local`, `privatize`, FedAvg with the server learning rate); the table itself comes from the real
+deployment (`bench.federated.run_jobs`), 5 seeds per ε. Clip norms stay within the example site policies'
+ceiling (1.0). Caveat: the search looks at the validation AUC, so the chosen hyperparameters are not themselves
+covered by the ε (as usual in the DP literature's reported numbers).
+
+    python -m bench privacy-utility             # the table, on the real deployment
+    python -m bench privacy-utility --search    # the in-process grid search that picked the configurations
+    python -m bench privacy-utility --what-if   # in-process: what a public initial model or distributed noise buys
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from sklearn.metrics import roc_auc_score
+
+from agent.data import SiteData
+from agent.trainer import train_local
+from aggregator.strategies import FedAvg
+from bench.federated import example_job, run_jobs, site_splits
+from federation.jobs import JobSpec
+from federation.models import build_model, get_weights, set_weights
+from federation.privacy import privatize
+from fedsilo.datasets import split_by_center
+
+TARGETS = [1.0, 2.0, 4.0, 8.0, 16.0]
+DELTA = 1e-5
+SEEDS = 5
+
+
+@dataclass(frozen=True)
+class Config:
+    rounds: int
+    epochs: int
+    learning_rate: float
+    clip_norm: float
+    server_learning_rate: float
+
+    def text(self) -> str:
+        return (f"{self.rounds} rounds × {self.epochs} epochs, lr {self.learning_rate:g}, clip {self.clip_norm:g}, "
+                f"server lr {self.server_learning_rate:g}")
+
+
+# Chosen by `--search` (see docs/benchmarks.md); one configuration for every ε keeps the comparison clean.
+CHOSEN: dict[float, Config] = {eps: Config(rounds=5, epochs=5, learning_rate=0.1, clip_norm=0.3,
+                                           server_learning_rate=1.0) for eps in TARGETS}
+
+
+def job_for(eps: float, cfg: Config, seed: int) -> dict[str, Any]:
+    return example_job(
+        name=f"privacy-utility-eps{eps:g}", seed=seed, rounds=cfg.rounds, min_sites=4,
+        hyperparameters={"epochs": cfg.epochs, "learning_rate": cfg.learning_rate},
+        privacy={"clip_norm": cfg.clip_norm, "noise_multiplier": None, "target_epsilon": eps, "delta": DELTA},
+        server_learning_rate=cfg.server_learning_rate,
+    )
+
+
+def simulate(spec: JobSpec, data: dict[str, SiteData], noise_seed: int, zero_init: bool = False,
+             noise_scale: float = 1.0) -> float:
+    """One job in-process with the agents' and the aggregator's own functions; returns the pooled AUC.
+
+    `zero_init` and `noise_scale` are what-ifs the deployment does not offer (a public, all-zero starting model;
+    each site adding only `noise_scale` of its noise, as under secure aggregation with distributed noise)."""
+    p = spec.privacy
+    model = build_model(spec.model.name, spec.features.input_dim(), spec.model.hidden, seed=spec.seed)
+    weights = get_weights(model)
+    if zero_init:
+        weights = {k: np.zeros_like(v) for k, v in weights.items()}
+    rng = np.random.default_rng(noise_seed)
+    strategy = FedAvg(spec.server_learning_rate)
+    for rnd in range(1, spec.rounds + 1):
+        strategy.reset(weights)
+        for i, (_site, d) in enumerate(data.items()):
+            local = build_model(spec.model.name, spec.features.input_dim(), spec.model.hidden)
+            set_weights(local, weights)
+            train_local(local, d.x_train, d.y_train, spec.hyperparameters, seed=1000 * rnd + i + spec.seed)
+            after = get_weights(local)
+            noisy, _ = privatize({k: after[k] - weights[k] for k in weights}, p.clip_norm,
+                                 p.noise_multiplier * noise_scale, rng)
+            strategy.add(noisy, d.n_train)
+        weights = strategy.apply(weights)
+    set_weights(model, weights)
+    model.eval()
+    with torch.no_grad():
+        ys = np.concatenate([d.y_val for d in data.values()])
+        ps = np.concatenate([model(torch.from_numpy(d.x_val)).squeeze(-1).numpy() for d in data.values()])
+    return float(roc_auc_score(ys, ps))
+
+
+def search(console: Console, targets: list[float], repeats: int) -> None:
+    files = split_by_center(Path(tempfile.mkdtemp(prefix="fedsilo-pu-search-")))
+    data = site_splits(files, JobSpec.model_validate(example_job()))
+    grid = [Config(r, e, lr, c, s) for r, e, lr, c, s in
+            itertools.product([2, 5, 8, 12], [5, 30], [0.1], [0.2, 0.3, 1.0], [1.0, 2.0])]
+    for eps in targets:
+        table = Table(title=f"in-process search, target ε {eps:g} (δ {DELTA:g}), {repeats} noise draws each")
+        for col in ("config", "σ", "pooled AUC mean", "sd"):
+            table.add_column(col, justify="left" if col == "config" else "right")
+        rows = []
+        for cfg in grid:
+            spec = JobSpec.model_validate(job_for(eps, cfg, 0))
+            aucs = [simulate(spec.model_copy(update={"seed": k}), data, 10_000 + k) for k in range(repeats)]
+            rows.append((statistics.mean(aucs), statistics.pstdev(aucs), cfg, spec.privacy.noise_multiplier))
+        for mean, sd, cfg, sigma in sorted(rows, key=lambda r: -r[0])[:8]:
+            table.add_row(cfg.text(), f"{sigma:.3f}", f"{mean:.3f}", f"{sd:.3f}")
+        console.print(table)
+
+
+def what_if(console: Console, repeats: int) -> None:
+    """At ε = 8, the chosen configuration against two changes the deployment does not offer (see `simulate`)."""
+    files = split_by_center(Path(tempfile.mkdtemp(prefix="fedsilo-pu-whatif-")))
+    data = site_splits(files, JobSpec.model_validate(example_job()))
+    table = Table(title=f"what-if at target ε 8 (δ {DELTA:g}), in-process, {repeats} noise draws")
+    for col in ("variant", "configuration", "pooled AUC mean", "sd"):
+        table.add_column(col, justify="left" if col in ("variant", "configuration") else "right")
+    variants = [("as deployed", False, 1.0), ("all-zero (public) initial model", True, 1.0),
+                ("distributed noise σ/√4 per site (needs secure aggregation)", False, 0.5),
+                ("both", True, 0.5)]
+    for cfg in sorted({CHOSEN[8.0], Config(2, 30, 0.1, 1.0, 1.0)}, key=str):
+        spec = JobSpec.model_validate(job_for(8.0, cfg, 0))
+        for name, zero, scale in variants:
+            aucs = [simulate(spec.model_copy(update={"seed": k}), data, 10_000 + k, zero, scale)
+                    for k in range(repeats)]
+            table.add_row(name, cfg.text(), f"{statistics.mean(aucs):.3f}", f"{statistics.pstdev(aucs):.3f}")
+    console.print(table)
+
+
+def measure(console: Console, targets: list[float], seeds: int) -> None:
+    jobs = {f"{eps:g}/{seed}": job_for(eps, CHOSEN[eps], seed) for eps in targets for seed in range(seeds)}
+    results = {r.label: r for r in run_jobs(jobs)}
+    table = Table(title=f"Privacy–utility on the real deployment: pooled-validation AUC, {seeds} seeds per target "
+                        f"(update-level ε per site per job, δ {DELTA:g})")
+    for col in ("target ε", "configuration", "σ (calibrated)", "ε spent (accountant, max over sites)",
+                "pooled AUC mean ± sd", "jobs finished"):
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    for eps in targets:
+        runs = [results[f"{eps:g}/{seed}"] for seed in range(seeds)]
+        spec = JobSpec.model_validate(job_for(eps, CHOSEN[eps], 0))
+        spent = [e for r in runs for e in r.epsilon.values() if e is not None]
+        aucs = [r.pooled_auc for r in runs]
+        table.add_row(f"{eps:g}", CHOSEN[eps].text(), f"{spec.privacy.noise_multiplier:.3f}",
+                      f"{max(spent):.3f}" if spent else "—",
+                      f"{statistics.mean(aucs):.3f} ± {statistics.pstdev(aucs):.3f}",
+                      f"{sum(r.state == 'finished' for r in runs)}/{seeds}")
+    console.print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench privacy-utility", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--search", action="store_true", help="run the in-process grid search instead")
+    parser.add_argument("--what-if", action="store_true", help="in-process what-ifs at ε 8 (see `simulate`)")
+    parser.add_argument("--targets", type=float, nargs="+", default=TARGETS)
+    parser.add_argument("--seeds", type=int, default=SEEDS)
+    args = parser.parse_args(argv)
+    console = Console(width=200)
+    if args.search:
+        search(console, args.targets, args.seeds)
+    elif args.what_if:
+        what_if(console, args.seeds)
+    else:
+        unknown = [t for t in args.targets if t not in CHOSEN]
+        if unknown:
+            parser.error(f"no chosen configuration for target ε {unknown}; run --search and add one to CHOSEN")
+        measure(console, args.targets, args.seeds)
+
+
+if __name__ == "__main__":
+    main()
