@@ -208,6 +208,24 @@ def job_import_fedml(config_file: Path, sites: tuple[str, ...], template: Path |
         click.echo(f"wrote {out} (a valid fedsilo job: check it with `fedsilo policy explain POLICY {out}`)")
 
 
+@main.command("report")
+@click.argument("job_id")
+@click.option("--config", "config_path", envvar="FEDSILO_AGGREGATOR_CONFIG",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The aggregator's YAML config: its state, blobs and report directory are read (env: "
+                   "FEDSILO_AGGREGATOR_CONFIG).")
+def report(job_id: str, config_path: Path | None) -> None:
+    """Regenerate a job's report (HTML, plots, CSV/JSON, tracking files) from the aggregator's state."""
+    from aggregator.config import AggregatorConfig
+    from aggregator.report import regenerate
+
+    try:
+        out = regenerate(AggregatorConfig.load(config_path), job_id)
+    except KeyError:
+        raise click.ClickException(f"no job {job_id!r} in the aggregator's state (see --config)") from None
+    click.echo(out / "report.html")
+
+
 @main.group()
 def data() -> None:
     """Data preparation."""

@@ -19,7 +19,7 @@ SYSTEM_TEST=("${SYSTEM_DEMO[@]}" "/usr/lib/postgresql/*/bin/initdb:postgresql" "
 purpose=${1:-demo}
 case "$purpose" in
   demo) wanted=("${SYSTEM_DEMO[@]}") extras="" ;;
-  test) wanted=("${SYSTEM_TEST[@]}") extras="[dev]" ;;
+  test) wanted=("${SYSTEM_TEST[@]}") extras="[dev,aws]" ;;
   *) echo "usage: $0 [demo|test]" >&2; exit 2 ;;
 esac
 say() { echo "bootstrap: $*" >&2; }

@@ -68,11 +68,13 @@ def postgres_url(postgres: PostgresServer) -> str:
 CHROMIUM = "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
     """Debian's headless Chromium driven by Playwright (never `playwright install`: nothing is downloaded).
 
-    Yields a Playwright `Browser`; tests open their own contexts and close them."""
+    Yields a Playwright `Browser`; tests open their own contexts and close them. Module-scoped because
+    Playwright's sync API keeps an event loop running in the main thread while it is open, and every later
+    test calling `asyncio.run()` would then fail."""
     from playwright.sync_api import sync_playwright
 
     if not Path(CHROMIUM).exists():
