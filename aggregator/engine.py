@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ParamSpec, Protocol, TypeVar
 
+import numpy as np
 import structlog
 
 from aggregator.blobs import BlobStore
@@ -91,7 +92,10 @@ def new_job_id(name: str) -> str:
 
 def initial_weights(spec: JobSpec) -> Weights:
     model = build_model(spec.model.name, spec.features.input_dim(), spec.model.hidden, seed=spec.seed)
-    return get_weights(model)
+    weights = get_weights(model)
+    if spec.model.init == "zeros":
+        return {k: np.zeros_like(v) for k, v in weights.items()}
+    return weights
 
 
 class RoundEngine:

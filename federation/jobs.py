@@ -22,6 +22,10 @@ class ModelRef(Frozen):
 
     name: str
     hidden: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(default_factory=list, max_length=8)
+    # The first global model: `seeded` (the registry's random initialization, from the job's seed) or `zeros`
+    # (data-independent, so it costs no privacy; under DP it keeps a random start from swamping a short job's
+    # few noised updates). Only for models without hidden layers, whose units an all-zero start would tie.
+    init: Literal["seeded", "zeros"] = "seeded"
 
     @field_validator("name")
     @classmethod
@@ -34,6 +38,8 @@ class ModelRef(Frozen):
     def _shape(self) -> ModelRef:
         if self.name == "logreg" and self.hidden:
             raise ValueError("logreg takes no hidden layers")
+        if self.init == "zeros" and self.hidden:
+            raise ValueError("init: zeros would give every hidden unit the same weights forever; use init: seeded")
         return self
 
 

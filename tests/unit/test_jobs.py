@@ -9,6 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from aggregator.engine import initial_weights
 from federation.jobs import JobSpec
 from federation.messages import JobOffer, canonical_json
 
@@ -76,3 +77,16 @@ def test_canonical_json_is_stable() -> None:
                                 nonce="ab" * 16))
     b = canonical_json(JobOffer.model_validate_json(a))
     assert a == b
+
+
+def test_a_zero_start_is_all_zeros_and_refused_for_hidden_layers() -> None:
+    data = example()
+    seeded = initial_weights(JobSpec.model_validate(data))
+    assert any(abs(v).sum() > 0 for v in seeded.values())
+    data["model"] = {"name": "logreg", "init": "zeros"}
+    zeros = initial_weights(JobSpec.model_validate(data))
+    assert {k: v.shape for k, v in zeros.items()} == {k: v.shape for k, v in seeded.items()}
+    assert all(not v.any() for v in zeros.values())
+    data["model"] = {"name": "mlp", "hidden": [8], "init": "zeros"}
+    with pytest.raises(ValidationError, match="same weights forever"):
+        JobSpec.model_validate(data)
