@@ -5,6 +5,7 @@ are part of the suite, so a machine without the tools must not pass them silentl
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -25,6 +26,12 @@ def tool(name: str) -> Path:
         if candidate.is_file():
             return candidate
     pytest.fail(f"{name} is not installed: {INSTALL_HINT}", pytrace=False)
+
+
+def optional_tool(name: str) -> Path | None:
+    """A tool that only some machines have (terraform): None when it is not on PATH."""
+    found = shutil.which(name)
+    return Path(found) if found else None
 
 
 def run(*args: str | Path, cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -1,18 +1,19 @@
 """The Terraform under deploy/terraform, checked offline: `terraform init` cannot fetch providers or modules
 here, so every file is parsed with python-hcl2; every variable and output must be documented, every registry
-module pinned to one exact version and every provider constrained. No terraform binary is installable here, so
-`terraform fmt -check`, `validate` and `plan` are left to a machine that has one (docs/deploy.md)."""
+module pinned to one exact version and every provider constrained. `terraform fmt -check` runs where a
+terraform binary exists (`terraform validate` needs `init`, hence network access: see the README)."""
 
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import hcl2
 import pytest
 
-from tests.deploy._tools import TERRAFORM
+from tests.deploy._tools import TERRAFORM, optional_tool
 
 EXACT_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 CONFIGURATIONS = [TERRAFORM, TERRAFORM / "agent-release"]
@@ -97,3 +98,23 @@ def test_reference_topology() -> None:
         assert kind in resources, f"no {kind}"
     agent_release = [doc for _, doc in parsed(TERRAFORM / "agent-release")]
     assert any("helm_release" in entry for doc in agent_release for entry in doc.get("resource", []))
+
+
+def test_files_follow_terraform_fmt_layout() -> None:
+    """The layout rules of `terraform fmt` that need no binary (two-space indents, no tabs or trailing blanks,
+    aligned `=` is left to fmt), always; `terraform fmt -check` itself too where a terraform binary exists."""
+    files = sorted(TERRAFORM.rglob("*.tf"))
+    assert files
+    for f in files:
+        text = f.read_text()
+        assert text.endswith("\n") and not text.endswith("\n\n"), f"{f.name}: must end with exactly one newline"
+        for n, line in enumerate(text.splitlines(), 1):
+            assert "\t" not in line, f"{f.name}:{n}: tab"
+            assert line == line.rstrip(), f"{f.name}:{n}: trailing whitespace"
+            indent = len(line) - len(line.lstrip(" "))
+            assert indent % 2 == 0, f"{f.name}:{n}: indentation of {indent} spaces (fmt uses steps of two)"
+    terraform = optional_tool("terraform")
+    if terraform is not None:
+        proc = subprocess.run([str(terraform), "fmt", "-check", "-recursive", "-diff", str(TERRAFORM)],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"terraform fmt would change:\n{proc.stdout}{proc.stderr}"
