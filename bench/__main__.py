@@ -7,7 +7,7 @@ from collections.abc import Callable
 from bench import accuracy, latency, privacy_utility, scale
 
 ONE: dict[str, Callable[[list[str]], None]] = {
-    "accuracy": lambda _argv: accuracy.main(),
+    "accuracy": accuracy.main,
     "latency": latency.main,
     "privacy-utility": privacy_utility.main,
     "scale": scale.main,
@@ -18,6 +18,6 @@ if len(sys.argv) > 1:
         sys.exit(f"unknown benchmark {sys.argv[1]!r}; choose one of: {', '.join(ONE)}")
     ONE[sys.argv[1]](sys.argv[2:])
 else:
-    accuracy.main()
+    accuracy.main([])
     latency.main([])
     privacy_utility.main([])

@@ -49,10 +49,10 @@ def merge_dp(results: list[FederatedResult]) -> FederatedResult:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench accuracy", description=__doc__)
     parser.add_argument("--rounds", type=int, default=None, help="override the example job's rounds")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     console = Console(width=200)
 
     tmp = Path(tempfile.mkdtemp(prefix="fedsilo-accuracy-"))
