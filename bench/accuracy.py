@@ -75,8 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     for r in results:
         eps = [e for e in r.epsilon.values() if e is not None]
         eps_text = "∞ (no noise)" if not eps else f"{max(eps):.1f}"
+        # A job that did not finish scores the initial model: say so rather than print its AUC as a result.
+        state = "" if r.state == "finished" else f" [{r.state.upper()}: see the aggregator log]"
         table.add_row(
-            f"{r.label} ({r.rounds} rounds)", *(f"{r.site_auc[s]:.3f}" for s in sites), f"{r.pooled_auc:.3f}",
+            f"{r.label} ({r.rounds} rounds){state}", *(f"{r.site_auc[s]:.3f}" for s in sites), f"{r.pooled_auc:.3f}",
             eps_text, f"{r.wall_s:.1f}",
             f"{r.seconds_per_round:.3f}" if not math.isnan(r.seconds_per_round) else "—",
             f"{r.http_bytes_per_site_round:.0f}",

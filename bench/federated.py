@@ -74,11 +74,13 @@ def _counter(metrics_text: str, name: str) -> float:
 
 
 def bench_policies(files: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """The example policies, opened up so that the noise-free ceiling can be measured: no noise floor, no ε cap."""
+    """The example policies, opened up so that the noise-free ceiling can be measured: no noise floor, no clip
+    ceiling, no ε cap."""
     policies = {}
     for site, path in files.items():
         policy = example_policy(site, {"heart-disease": path})
         policy["privacy"]["min_noise_multiplier"] = 0.0
+        policy["privacy"]["max_clip_norm"] = math.inf
         policy["privacy"]["max_epsilon_per_job"] = math.inf
         policy["privacy"]["budgets"]["heart-disease"]["epsilon"] = math.inf
         policy["operations"]["max_concurrent_jobs"] = 10
