@@ -302,7 +302,7 @@ def train_registered(model: nn.Module, trainers: Mapping[str, TrainerRegistratio
             cls = _load_class(src.module, src.qualname, src.origin, src.root, src.code)
             arrays, problems = _to_arrays(_run_trainer(cls, _fresh_model(spec, expected), x, y, args, seed))
         else:
-            arrays, problems = _run_in_process(reg.python, src, spec, expected, x, y, args, seed)
+            arrays, problems = _run_in_subprocess(reg.python, src, spec, expected, x, y, args, seed)
     except _TrainerFailedError as exc:
         _log().warning("trainer_failed", trainer=name, stage=exc.stage, error=exc.error, detail=exc.detail)
         raise TrainerRefusedError(f"trainer {name!r} raised {exc.error} in {exc.stage}; the traceback is in "
@@ -333,7 +333,7 @@ def _log() -> Any:
     return structlog.get_logger(__name__)
 
 
-def _run_in_process(python: Path, src: TrainerSource, spec: JobSpec, weights: Weights, x: np.ndarray,
+def _run_in_subprocess(python: Path, src: TrainerSource, spec: JobSpec, weights: Weights, x: np.ndarray,
                     y: np.ndarray, args: dict[str, Any], seed: int) -> tuple[dict[str, np.ndarray], list[str]]:
     """Run the trainer in `python`: one request on its stdin, one response on its stdout, within the deadline."""
     request = {

@@ -27,6 +27,7 @@ from aggregator.store import JobRow, StateStore
 from aggregator.validation import Rejection
 from federation.jobs import JobSpec
 from federation.messages import ENVELOPE_HEADER, EvaluationReport, UpdateEnvelope
+from federation.schema import field_errors
 
 log = structlog.get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -51,7 +52,7 @@ def error(status: int, code: str, detail: str, **extra: Any) -> web.Response:
 
 
 def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
-    return [{"field": ".".join(str(p) for p in e["loc"]) or "(job)", "message": e["msg"]} for e in exc.errors()]
+    return [{"field": field or "(job)", "message": msg} for field, msg in field_errors(exc)]
 
 
 def authorize(request: web.Request, role: str) -> Identity | Rejection:

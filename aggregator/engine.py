@@ -118,6 +118,9 @@ class RoundEngine:
         # Called with (job_id, event) after "round_closed" and after the job ends ("finished", "failed",
         # "cancelled"), once the state is durable: reports and experiment tracking hang off it.
         self._on_job_event = on_job_event
+        # Each site's last known state, for the sites-online gauge: a heartbeat then costs one row write, not a
+        # scan of every site (thousands of sites heartbeat every few seconds). Loaded from the store at recover.
+        self._site_states: dict[str, str] = {}
 
     @property
     def db(self) -> Db:
@@ -147,6 +150,8 @@ class RoundEngine:
 
     async def recover(self) -> None:
         """Resume every unfinished job from the store after a (re)start."""
+        for row in await self._db(self._store.sites):
+            self._site_seen(row["site"], row["state"], row["at"])
         for job in await self._db(self._store.list_jobs, ACTIVE):
             weights = decode(await self._db(self._blobs.get, job.model_sha))
             runner = JobRunner(
@@ -263,7 +268,7 @@ class RoundEngine:
             self._store.upsert_site, status.site, status.state, status.at,
             {"active_jobs": status.active_jobs, "version": status.version, "offline_reason": reason},
         )
-        await self._site_gauges()
+        self._site_seen(status.site, status.state, status.at)
 
     async def sweep_sites(self, timeout_s: float, now: float | None = None) -> list[str]:
         """Mark online sites whose last heartbeat is older than `timeout_s` offline (a hung agent or a network
@@ -275,10 +280,9 @@ class RoundEngine:
                 info = {k: v for k, v in row.items() if k not in ("site", "state", "at")}
                 info["offline_reason"] = f"no heartbeat for {now - row['at']:.0f} s (timeout {timeout_s:g} s)"
                 await self._db(self._store.upsert_site, row["site"], "offline", row["at"], info)
+                self._site_seen(row["site"], "offline", row["at"])
                 log.warning("site_offline", site=row["site"], reason=info["offline_reason"])
                 marked.append(row["site"])
-        if marked:
-            await self._site_gauges()
         return marked
 
     async def run_site_sweeper(self, timeout_s: float) -> None:
@@ -289,12 +293,13 @@ class RoundEngine:
             except Exception:  # a store hiccup must not end the sweeper
                 log.exception("site_sweep_failed")
 
-    async def _site_gauges(self) -> None:
-        sites = await self._db(self._store.sites)
-        self._metrics.sites_online.set(sum(1 for s in sites if s["state"] == "online"))
-        for row in sites:
-            self._metrics.site_up.labels(row["site"]).set(1 if row["state"] == "online" else 0)
-            self._metrics.site_last_seen.labels(row["site"]).set(row["at"])
+    def _site_seen(self, site: str, state: str, at: float) -> None:
+        """Keep the site gauges in step with the store's row just written."""
+        self._metrics.site_up.labels(site).set(1 if state == "online" else 0)
+        self._metrics.site_last_seen.labels(site).set(at)
+        if self._site_states.get(site) != state:
+            self._site_states[site] = state
+            self._metrics.sites_online.set(sum(1 for s in self._site_states.values() if s == "online"))
 
     # ---------------------------------------------------------------- uploads
     async def receive_update(self, site: str, env: UpdateEnvelope, body: bytes) -> dict[str, Any]:

@@ -104,7 +104,7 @@ def write_report(store: StateStore, blobs: BlobStore, job_id: str, out_root: Pat
         w.writeheader()
         w.writerows(rows)
     os.replace(tmp, out / "metrics.csv")
-    _plot(summary, out / "metrics.png")
+    _atomic_write(out / "metrics.png", _plot(summary))
     _atomic_write(out / "model.safetensors", blobs.get(summary["model_sha256"]))
     write_html_report(summary, out)
     return out
@@ -141,8 +141,7 @@ def regenerate(cfg: AggregatorConfig, job_id: str) -> Path:
         store.close()
     assert summary is not None
     if cfg.tracking.local.enabled:
-        sm = cfg.tracking.sagemaker
-        records = records_for(summary, sm.experiment_prefix if sm else "fed-heart-disease", cfg.report_dir)
+        records = records_for(summary, cfg.tracking.experiment_prefix, cfg.report_dir)
         sink = LocalSink(cfg.report_dir)
         runs: dict[str, list[Record]] = {}
         for r in records:
@@ -202,32 +201,20 @@ def _plot_sites(summary: dict[str, Any]) -> bytes:
     return _png(fig, axes)
 
 
-def _plot(summary: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _plot(summary: dict[str, Any]) -> bytes:
+    """`metrics.png`: per-site and global validation AUC and loss in one figure."""
     hist = [h for h in summary["history"] if h["global"]]
-    fig, (ax_auc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = _figure(2, width=5.5, height=4.0)
     sites = sorted({s for h in hist for s in h["sites"]})
-    for site in sites:
-        pts = [(h["round"], h["sites"][site]) for h in hist if site in h["sites"]]
-        ax_auc.plot([r for r, _ in pts], [m["auc"] for _, m in pts], alpha=0.5, label=site)
-        ax_loss.plot([r for r, _ in pts], [m["loss"] for _, m in pts], alpha=0.5, label=site)
-    rounds = [h["round"] for h in hist]
-    ax_auc.plot(rounds, [h["global"]["auc"] for h in hist], "k-o", lw=2, label="global (weighted mean)")
-    ax_loss.plot([h["round"] for h in hist], [h["global"]["loss"] for h in hist], "k-o", lw=2, label="global")
-    ax_auc.set(title="Validation AUC per round", xlabel="round (global model version)", ylabel="AUC")
-    ax_loss.set(title="Validation loss per round", xlabel="round (global model version)", ylabel="BCE loss")
-    ax_auc.legend(fontsize=8)
-    ax_auc.grid(alpha=0.3)
-    ax_loss.grid(alpha=0.3)
+    for ax, key, label in ((axes[0][0], "auc", "AUC"), (axes[0][1], "loss", "BCE loss")):
+        for site in sites:
+            pts = [(h["round"], h["sites"][site][key]) for h in hist if site in h["sites"]]
+            ax.plot([r for r, _ in pts], [v for _, v in pts], alpha=0.5, label=site)
+        ax.plot([h["round"] for h in hist], [h["global"][key] for h in hist], "k-o", lw=2,
+                label="global (weighted mean)")
+        ax.set(title=f"Validation {label} per round", xlabel="round (global model version)", ylabel=label)
     fig.suptitle(f"{summary['name']} ({summary['job_id']})")
-    fig.tight_layout()
-    fig.savefig(path.with_suffix(".tmp.png"), dpi=100)
-    plt.close(fig)
-    os.replace(path.with_suffix(".tmp.png"), path)
+    return _png(fig, axes)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

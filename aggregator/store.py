@@ -444,11 +444,17 @@ def _job(row: Row) -> JobRow:
     )
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a `sqlite:///relative.db` or `sqlite:////absolute.db` URL (as SQLAlchemy reads
+    them); None for any other URL."""
+    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+
+
 def open_store(url: str) -> StateStore:
-    """Pick an implementation from a URL: `sqlite:///relative.db` or `sqlite:////absolute.db` (as SQLAlchemy
-    reads them) or `postgresql://...`."""
-    if url.startswith("sqlite:///"):
-        return SQLiteStore(Path(url.removeprefix("sqlite:///")))
+    """Pick an implementation from a URL: `sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://...`."""
+    path = sqlite_path(url)
+    if path is not None:
+        return SQLiteStore(path)
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresStore(url)
     raise ValueError(f"unsupported state store URL {url!r}; expected sqlite:///PATH or postgresql://...")

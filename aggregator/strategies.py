@@ -14,6 +14,7 @@ import numpy as np
 
 from federation.jobs import JobSpec
 from federation.models import Weights
+from federation.privacy import clip
 
 
 class Strategy(ABC):
@@ -98,15 +99,19 @@ class _Buffered(Strategy):
     def _stacked(self, key: str) -> np.ndarray:
         return np.stack([u[key] for u in self._updates]).astype(np.float64)
 
+    def _keys(self) -> list[str]:
+        """The tensor names of this round's updates; raises ValueError when nothing was added."""
+        if not self._updates:
+            raise ValueError("no update to aggregate")
+        return list(self._updates[0])
+
 
 class CoordinateMedian(_Buffered):
     """Coordinate-wise median (Yin et al., 2018): unweighted, so an inflated sample count buys nothing, and one
     site's values, however large, can move a coordinate no further than the honest sites' range."""
 
     def combine(self) -> Weights:
-        if not self._updates:
-            raise ValueError("no update to aggregate")
-        return {k: np.median(self._stacked(k), axis=0) for k in self._updates[0]}
+        return {k: np.median(self._stacked(k), axis=0) for k in self._keys()}
 
 
 class TrimmedMean(_Buffered):
@@ -118,15 +123,9 @@ class TrimmedMean(_Buffered):
         self._beta = trim_fraction
 
     def combine(self) -> Weights:
-        if not self._updates:
-            raise ValueError("no update to aggregate")
-        n = len(self._updates)
+        keys, n = self._keys(), len(self._updates)
         cut = min(int(self._beta * n), (n - 1) // 2)
-        out = {}
-        for k in self._updates[0]:
-            values = np.sort(self._stacked(k), axis=0)
-            out[k] = values[cut : n - cut].mean(axis=0)
-        return out
+        return {k: np.sort(self._stacked(k), axis=0)[cut : n - cut].mean(axis=0) for k in keys}
 
 
 class NormBoundedFedAvg(_Buffered):
@@ -138,17 +137,13 @@ class NormBoundedFedAvg(_Buffered):
         self._bound = bound
 
     def combine(self) -> Weights:
-        if not self._updates:
-            raise ValueError("no update to aggregate")
-        cap = float(np.median(self._samples))
-        weights = np.minimum(np.asarray(self._samples, dtype=np.float64), cap)
-        total = float(weights.sum())
-        out = {k: np.zeros(v.shape, dtype=np.float64) for k, v in self._updates[0].items()}
-        for update, w in zip(self._updates, weights, strict=True):
-            norm = float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in update.values())))
-            scale = min(1.0, self._bound / norm) if norm > 0 else 1.0
-            for k, v in update.items():
-                out[k] += (w / total) * scale * v.astype(np.float64)
+        keys = self._keys()
+        weights = np.minimum(np.asarray(self._samples, dtype=np.float64), float(np.median(self._samples)))
+        out = {k: np.zeros(self._updates[0][k].shape, dtype=np.float64) for k in keys}
+        for update, w in zip(self._updates, weights / weights.sum(), strict=True):
+            bounded, _ = clip(update, self._bound)  # the agents' own clipping, applied again on the server
+            for k in keys:
+                out[k] += w * bounded[k].astype(np.float64)
         return out
 
 

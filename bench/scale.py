@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import math
 import os
 import sqlite3
@@ -157,16 +156,10 @@ def round_timing(fed: LocalFederation, job_id: str, rnd: int) -> tuple[float, fl
         db.close()
 
 
-def rss_mb(pid: int) -> float:
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """A memory figure of /proc/<pid>/status in MB: resident now (VmRSS) or its peak so far (VmHWM)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -180,7 +173,7 @@ def floor_ms(spec: JobSpec, template: Weights, workdir: Path, repeats: int = 5) 
     best = math.inf
     for i in range(repeats):
         t0 = time.perf_counter()
-        sha = hashlib.sha256(body).hexdigest()
+        sha = sha256_hex(body)
         update = check_update(body, sha, template, spec)
         blobs.put(body[:-1] + bytes([i]) if i else body)  # a new blob each time: the write is not deduplicated
         strategy.add(update, 100)
@@ -228,7 +221,7 @@ def run_one(n_sites: int, params: int, concurrency: int, keepalive: bool = True)
 
             asyncio.run(drive())
             first, last, closed = round_timing(fed, job_id, 2)
-            rss = peak_rss_mb(pid)
+            rss = rss_mb(pid, "VmHWM")
             print("  aggregator RSS MB by stage: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
             fed.client.cancel(job_id)
         floor = floor_ms(spec, template, root)

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ColumnName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\- ]+$")]
+
+
+def field_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    """Each problem pydantic found, as (dotted field path, message): for API answers and CLI messages alike."""
+    return [(".".join(str(p) for p in e["loc"]), e["msg"]) for e in exc.errors()]
 
 
 class Frozen(BaseModel):

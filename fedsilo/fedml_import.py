@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from federation.jobs import DataRef, JobSpec
 from federation.models import registered_models
+from federation.schema import field_errors
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent.parent / "examples" / "heart-disease.yaml"
 SECRET = re.compile(r"key|secret|token|password", re.IGNORECASE)
@@ -169,7 +170,7 @@ def _load(path: Path) -> tuple[dict[str, Any], FedMLConfig]:
     try:
         return raw, FedMLConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{field}: {msg}" for field, msg in field_errors(exc))
         raise FedMLImportError(f"{path} is not a FedML cross-silo config fedsilo can read: {problems}") from None
 
 
@@ -339,7 +340,7 @@ def import_fedml(path: Path, sites: list[str] | None = None, template: Path | No
     try:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{field}: {msg}" for field, msg in field_errors(exc))
         raise FedMLImportError(f"the converted job is not valid: {problems}") from None
     lines.append(MappingLine(
         "(template)", "template",

@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from aggregator.store import sqlite_path
 from aggregator.tracking.config import TrackingConfig
 from aggregator.tracking.outbox import Outbox
 from aggregator.tracking.records import records_for
@@ -34,8 +35,9 @@ def default_outbox(config: TrackingConfig, state_url: str, report_dir: Path) -> 
     """The configured outbox, else beside the SQLite state database, else in the report directory."""
     if config.outbox is not None:
         return config.outbox
-    if state_url.startswith("sqlite:///"):
-        return Path(state_url.removeprefix("sqlite://")).parent / "tracking-outbox.db"
+    state_db = sqlite_path(state_url)
+    if state_db is not None:
+        return state_db.parent / "tracking-outbox.db"
     return report_dir / ".tracking-outbox.db"
 
 
@@ -55,7 +57,6 @@ def make_sinks(config: TrackingConfig, report_dir: Path) -> list[TrackingSink]:
 @dataclass
 class _SinkState:
     sink: TrackingSink
-    prefix: str
     pool: ThreadPoolExecutor
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     failures: int = 0  # consecutive failed deliveries (the current burst)
@@ -92,11 +93,10 @@ class TrackingHub:
         self._metrics = TrackingMetrics(registry)
         if sinks is None:
             sinks = make_sinks(config, report_dir) if report_dir is not None else []
-        prefix = config.sagemaker.experiment_prefix if config.sagemaker is not None else "fed-heart-disease"
         self._sinks: dict[str, _SinkState] = {}
         for s in sinks:
             pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tracking-{s.name}")
-            self._sinks[s.name] = _SinkState(s, prefix, pool)
+            self._sinks[s.name] = _SinkState(s, pool)
             self._metrics.up.labels(s.name).set(1)
         self._outbox_path = default_outbox(config, state_url, report_dir or Path("."))
         self._outbox: Outbox | None = None
@@ -136,9 +136,9 @@ class TrackingHub:
             return
         try:
             await self.start()
+            records = records_for(summary, self._config.experiment_prefix, self._report_dir)
             for state in self._sinks.values():
-                records = records_for(summary, state.prefix, self._report_dir)
-                new = await self._run_db(lambda s=state, r=records: self._open().enqueue(s.sink.name, r))
+                new = await self._run_db(lambda s=state: self._open().enqueue(s.sink.name, records))
                 self._metrics.queued.labels(state.sink.name).inc(new)
                 await self._refresh_pending(state)
                 state.wake.set()

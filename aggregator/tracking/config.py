@@ -11,6 +11,7 @@ from federation.schema import Frozen
 
 # SageMaker names experiments `^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,119}`; a job id is appended to the prefix.
 ExperimentPrefix = Annotated[str, Field(pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,38}$")]
+DEFAULT_EXPERIMENT_PREFIX = "fed-heart-disease"  # the reference deployment's `sm_experiment_name`
 
 
 class LocalSinkConfig(Frozen):
@@ -24,7 +25,7 @@ class SageMakerSinkConfig(Frozen):
 
     enabled: bool = True
     # One experiment per job: `<prefix>-<job id>`; runs `aggregator` and `client-<site>` inside it.
-    experiment_prefix: ExperimentPrefix = "fed-heart-disease"
+    experiment_prefix: ExperimentPrefix = DEFAULT_EXPERIMENT_PREFIX
     region: str | None = None
     # A role to assume before calling SageMaker (None: use the chain's identity as it is, e.g. the IRSA role).
     role_arn: str | None = None
@@ -57,3 +58,8 @@ class TrackingConfig(Frozen):
     batch_size: int = Field(default=200, ge=1, le=10_000)
     # On shutdown, how long one last flush may take before the rest waits in the outbox for the next start.
     close_timeout_s: float = Field(default=5.0, ge=0, le=600)
+
+    @property
+    def experiment_prefix(self) -> str:
+        """What every sink names a job's experiment after (a job's `tags.experiment` wins; see `records`)."""
+        return self.sagemaker.experiment_prefix if self.sagemaker is not None else DEFAULT_EXPERIMENT_PREFIX

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ def cases() -> list[tuple[str, Path]]:
     return [(chart, values) for chart in ("agent", "aggregator") for values in values_files(chart)]
 
 
+@functools.cache  # several tests read the same rendering; its text is immutable
 def template(chart: str, *values: Path, sets: tuple[str, ...] = (), expect_error: bool = False) -> str:
     """`helm template` output (or, with expect_error, helm's error message)."""
     args = [str(tool("helm")), "template", "fedsilo", str(CHARTS / chart), "--namespace", NAMESPACE,

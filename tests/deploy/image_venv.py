@@ -18,7 +18,8 @@ import tempfile
 import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.deploy._tools import REPO
+
 TOOLS = REPO / ".tools"
 
 

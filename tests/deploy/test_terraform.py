@@ -5,6 +5,7 @@ terraform binary exists (`terraform validate` needs `init`, hence network access
 
 from __future__ import annotations
 
+import functools
 import re
 import subprocess
 from pathlib import Path
@@ -30,6 +31,7 @@ def clean(value: Any) -> Any:
     return value
 
 
+@functools.cache  # every test reads the same files
 def parsed(directory: Path) -> list[tuple[Path, dict[str, Any]]]:
     files = sorted(directory.glob("*.tf"))
     assert files, f"no Terraform files in {directory}"
@@ -73,7 +75,7 @@ def test_modules_and_providers_are_pinned(directory: Path) -> None:
         version = str(body.get("version", ""))
         assert EXACT_VERSION.match(version), f"module {name} ({source}) is not pinned to one version: {version!r}"
     required = [p for _, doc in parsed(directory) for t in doc.get("terraform", [])
-                for providers in t.get("required_providers", []) for p in [providers]]
+                for p in t.get("required_providers", [])]
     assert required, "no required_providers block"
     for providers in required:
         for name, spec in providers.items():

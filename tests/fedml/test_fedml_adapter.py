@@ -4,7 +4,9 @@ clipping bounds whatever a trainer hands back."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import math
+import py_compile
 import shutil
 import sys
 from pathlib import Path
@@ -122,12 +124,24 @@ def test_source_changed_after_registration_is_refused(trainer_dir: Path) -> None
 
 
 def test_stale_bytecode_never_replaces_the_pinned_source(trainer_dir: Path) -> None:
-    """The bytes that were hashed are the bytes that run: a .pyc beside the source is not used."""
+    """The bytes that were hashed are the bytes that run: a .pyc beside the source is not used, even a valid one
+    that Python's own import would take without looking at the source (unchecked-hash bytecode)."""
     reg = register(trainer_dir)
-    cache = trainer_dir / "__pycache__"
-    cache.mkdir()
-    tag = sys.implementation.cache_tag
-    (cache / f"hospital_trainers.{tag}.pyc").write_bytes(b"not bytecode at all")
+    other = trainer_dir.parent / "other" / "hospital_trainers.py"
+    other.parent.mkdir()
+    other.write_text("class SgdTrainer:\n"
+                     "    def __init__(self, *a, **k):\n"
+                     "        raise RuntimeError('stale bytecode ran')\n")
+    cache = trainer_dir / "__pycache__" / f"hospital_trainers.{sys.implementation.cache_tag}.pyc"
+    py_compile.compile(str(other), cfile=str(cache), dfile=str(trainer_dir / "hospital_trainers.py"),
+                       invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH, doraise=True)
+    # The check is worth something only if a plain import would run the stale bytecode.
+    spec = importlib.util.spec_from_file_location("hospital_trainers", trainer_dir / "hospital_trainers.py")
+    assert spec is not None and spec.loader is not None
+    plain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plain)
+    with pytest.raises(RuntimeError, match="stale bytecode ran"):
+        plain.SgdTrainer()
     model, before, _ = run(reg)
     assert any(not np.allclose(get_weights(model)[k], before[k]) for k in before)
 
@@ -246,6 +260,10 @@ def test_registration_validates_its_fields(trainer_dir: Path) -> None:
                 {"search_path": "relative/dir"}, {"models": []}):
         with pytest.raises(ValueError):
             TrainerRegistration.model_validate({**base, **bad})
-    # A policy with a trainers section loads from YAML and the schema describes it.
-    assert "trainers" in SitePolicy.model_json_schema()["properties"]
+    # A policy with a trainers section loads from YAML, registration intact.
+    policy = yaml.safe_load((ROOT / "policies" / "examples" / "cleveland.yaml").read_text())
+    policy["trainers"] = {"sgd": base}
+    path = trainer_dir.parent / "policy.yaml"
+    path.write_text(yaml.safe_dump(policy))
+    assert SitePolicy.load(path).trainers == {"sgd": register(trainer_dir)}
 

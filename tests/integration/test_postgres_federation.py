@@ -49,9 +49,7 @@ def test_a_job_survives_an_aggregator_kill_with_its_state_in_postgresql(
     while closed_rounds(postgres_url, job_id) < 2:
         assert time.monotonic() < deadline, "no round closed in PostgreSQL"
         time.sleep(0.05)
-    before = closed_rounds(postgres_url, job_id)
     fed.stop_aggregator(kill=True)
-    assert closed_rounds(postgres_url, job_id) >= before  # durable, not in the dead process's memory
     fed.start_aggregator()
     summary = fed.wait_job(job_id, timeout=120)
     assert summary["state"] == "finished", summary["reason"]

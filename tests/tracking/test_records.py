@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from aggregator.tracking import TrackingConfig, default_outbox
 from aggregator.tracking.outbox import Outbox
 from aggregator.tracking.records import records_for
 from federation.jobs import JobSpec
@@ -88,3 +89,11 @@ def test_the_outbox_queues_each_record_once_and_keeps_it_until_delivered(tmp_pat
     assert box.enqueue("sagemaker", ended) == 0  # delivered records are not sent again
     assert box.count_pending("local") == len(running)
     box.close()
+
+
+def test_the_outbox_sits_beside_the_sqlite_state_whatever_form_its_url_takes() -> None:
+    cfg, reports = TrackingConfig(), Path("/srv/reports")
+    assert default_outbox(cfg, "sqlite:///state/aggregator.db", reports) == Path("state/tracking-outbox.db")
+    assert default_outbox(cfg, "sqlite:////var/fedsilo/state.db", reports) == Path("/var/fedsilo/tracking-outbox.db")
+    assert default_outbox(cfg, "postgresql://db/fedsilo", reports) == reports / ".tracking-outbox.db"
+    assert default_outbox(TrackingConfig(outbox=Path("/x/o.db")), "sqlite:///s.db", reports) == Path("/x/o.db")
