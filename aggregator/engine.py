@@ -93,9 +93,16 @@ def new_job_id(name: str) -> str:
 def initial_weights(spec: JobSpec) -> Weights:
     model = build_model(spec.model.name, spec.features.input_dim(), spec.model.hidden, seed=spec.seed)
     weights = get_weights(model)
-    if spec.model.init == "zeros":
-        return {k: np.zeros_like(v) for k, v in weights.items()}
-    return weights
+    if spec.model.init == "seeded":
+        return weights
+    zeros = {k: np.zeros_like(v) for k, v in weights.items()}
+    if spec.model.prior:
+        # A model without hidden layers has one (1, inputs) weight matrix, its columns in encoded-input order.
+        (name,) = [k for k, v in zeros.items() if v.ndim == 2]
+        index = {n: i for i, n in enumerate(spec.features.encoded_names())}
+        for feature, w in spec.model.prior.items():
+            zeros[name][0, index[feature]] = w
+    return zeros
 
 
 class RoundEngine:

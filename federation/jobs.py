@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -22,10 +23,14 @@ class ModelRef(Frozen):
 
     name: str
     hidden: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(default_factory=list, max_length=8)
-    # The first global model: `seeded` (the registry's random initialization, from the job's seed) or `zeros`
-    # (data-independent, so it costs no privacy; under DP it keeps a random start from swamping a short job's
-    # few noised updates). Only for models without hidden layers, whose units an all-zero start would tie.
-    init: Literal["seeded", "zeros"] = "seeded"
+    # The first global model: `seeded` (the registry's random initialization, from the job's seed), `zeros`, or
+    # `prior`: zeros except the input weights given in `prior` (encoded input name → weight), e.g. published
+    # coefficients. `zeros` and `prior` are data-independent, so they cost no privacy; under DP they keep a random
+    # start from swamping a short job's few noised updates. Only for models without hidden layers, whose units an
+    # all-zero start would tie.
+    init: Literal["seeded", "zeros", "prior"] = "seeded"
+    prior: dict[Annotated[str, Field(min_length=1, max_length=256)], float] | None = Field(
+        default=None, max_length=10_000)
 
     @field_validator("name")
     @classmethod
@@ -38,8 +43,14 @@ class ModelRef(Frozen):
     def _shape(self) -> ModelRef:
         if self.name == "logreg" and self.hidden:
             raise ValueError("logreg takes no hidden layers")
-        if self.init == "zeros" and self.hidden:
-            raise ValueError("init: zeros would give every hidden unit the same weights forever; use init: seeded")
+        if self.init != "seeded" and self.name != "logreg":
+            # (`mlp` has a hidden layer even when `hidden` is empty: its default width.)
+            raise ValueError(f"init: {self.init} would give every hidden unit the same weights forever; "
+                             "use init: seeded (or model logreg)")
+        if (self.init == "prior") != (self.prior is not None):
+            raise ValueError("init: prior needs `prior` (input name → weight), and `prior` needs init: prior")
+        if self.prior is not None and not all(math.isfinite(w) for w in self.prior.values()):
+            raise ValueError("prior weights must be finite numbers")
         return self
 
 
@@ -162,6 +173,11 @@ class JobSpec(Frozen):
             raise ValueError("a site is listed twice")
         if self.min_sites > len(self.sites):
             raise ValueError(f"min_sites {self.min_sites} exceeds the {len(self.sites)} sites listed")
+        if self.model.prior is not None:
+            unknown = sorted(set(self.model.prior) - set(self.features.encoded_names()))
+            if unknown:
+                raise ValueError(f"model.prior names inputs the features do not declare: {unknown}; inputs are "
+                                 f"{self.features.encoded_names()}")
         if self.aggregation == "fedprox" and self.privacy.unit == "record":
             # Opacus clips per-sample gradients of the data loss; a proximal term is not per-sample.
             raise ValueError("fedprox is not available with record-level DP (privacy.unit: record)")

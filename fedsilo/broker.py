@@ -15,6 +15,7 @@ Mosquitto facts this relies on (2.0.x):
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -157,6 +158,7 @@ class MosquittoBroker:
             "log_type error",
             "log_type warning",
             "log_type notice",
+            "log_type information",  # for the "running" line `start` waits for (and a save line when state changed)
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
             "max_queued_messages 10000",
         ]
@@ -188,8 +190,11 @@ class MosquittoBroker:
         return self._proc.pid if self.running and self._proc is not None else None
 
     def start(self, timeout: float = 10.0) -> None:
-        """Start mosquitto and return once its port accepts connections; raise `BrokerError` with the log
-        tail if it exits or does not listen within `timeout` seconds."""
+        """Start mosquitto and return once it reports itself running and its port accepts connections; raise
+        `BrokerError` with the log tail if it exits or is not ready within `timeout` seconds.
+
+        An accepting port alone is not readiness: mosquitto listens before it loads the listener's TLS files,
+        so a broker about to exit on a bad certificate briefly accepts connections."""
         if self.running:
             raise BrokerError(f"broker already running on port {self._port} (pid {self.pid})")
         binary = find_mosquitto()
@@ -197,6 +202,7 @@ class MosquittoBroker:
             raise BrokerError(f"port {self._port} on {self._host} is already in use by another process")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_file.write_text(self.config_text())
+        log_start = self.log_file.stat().st_size if self.log_file.exists() else 0  # the log spans restarts
         self._stderr = self.stderr_file.open("ab")
         self._proc = subprocess.Popen(
             [str(binary), "-c", str(self.config_file)],
@@ -211,7 +217,7 @@ class MosquittoBroker:
             if code is not None:
                 self._reap()
                 raise BrokerError(f"mosquitto exited with status {code} on port {self._port}:\n{self.log_tail()}")
-            if _accepts(self._host, self._port):
+            if self._reports_running(log_start) and _accepts(self._host, self._port):
                 return
             if time.monotonic() > deadline:
                 self.kill()
@@ -219,6 +225,15 @@ class MosquittoBroker:
                     f"mosquitto did not listen on {self._host}:{self._port} within {timeout:g}s:\n{self.log_tail()}"
                 )
             time.sleep(0.02)
+
+    def _reports_running(self, log_start: int) -> bool:
+        """Whether mosquitto has logged, since `log_start`, that every listener is up ("... running")."""
+        try:
+            with self.log_file.open("rb") as f:
+                f.seek(log_start)
+                return re.search(rb"mosquitto version \S+ running", f.read()) is not None
+        except FileNotFoundError:
+            return False
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (mosquitto saves its state and exits), then SIGKILL after `timeout` seconds."""

@@ -87,6 +87,34 @@ def test_a_zero_start_is_all_zeros_and_refused_for_hidden_layers() -> None:
     zeros = initial_weights(JobSpec.model_validate(data))
     assert {k: v.shape for k, v in zeros.items()} == {k: v.shape for k, v in seeded.items()}
     assert all(not v.any() for v in zeros.values())
-    data["model"] = {"name": "mlp", "hidden": [8], "init": "zeros"}
-    with pytest.raises(ValidationError, match="same weights forever"):
+    for mlp in ({"name": "mlp", "hidden": [8]}, {"name": "mlp"}):  # the bare mlp has a default hidden layer
+        data["model"] = {**mlp, "init": "zeros"}
+        with pytest.raises(ValidationError, match="same weights forever"):
+            JobSpec.model_validate(data)
+
+
+def test_a_prior_start_places_each_published_weight_on_its_input_and_nothing_else() -> None:
+    data = example()
+    spec = JobSpec.model_validate(data)
+    names = spec.features.encoded_names()
+    prior = {"age": 0.5, "thalch": -0.5, "sex=Male": 0.25}
+    data["model"] = {"name": "logreg", "init": "prior", "prior": prior}
+    weights = initial_weights(JobSpec.model_validate(data))
+    (matrix,) = [v for v in weights.values() if v.ndim == 2]
+    assert matrix.shape == (1, len(names))
+    assert {names[i]: float(w) for i, w in enumerate(matrix[0]) if w} == prior
+    assert all(not v.any() for v in weights.values() if v.ndim == 1)  # the bias starts at zero
+
+
+@pytest.mark.parametrize(("model", "match"), [
+    ({"name": "logreg", "init": "prior", "prior": {"cholesterol": 1.0}}, r"do not declare: \['cholesterol'\]"),
+    ({"name": "logreg", "init": "prior"}, "init: prior needs `prior`"),
+    ({"name": "logreg", "init": "zeros", "prior": {"age": 1.0}}, "`prior` needs init: prior"),
+    ({"name": "logreg", "init": "prior", "prior": {"age": float("nan")}}, "finite"),
+    ({"name": "mlp", "init": "prior", "prior": {"age": 1.0}}, "same weights forever"),
+])
+def test_a_prior_that_does_not_fit_the_job_is_refused_with_the_reason(model: dict[str, Any], match: str) -> None:
+    data = example()
+    data["model"] = model
+    with pytest.raises(ValidationError, match=match):
         JobSpec.model_validate(data)
