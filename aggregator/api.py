@@ -158,34 +158,33 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(summary)
 
 
+async def _job_action(request: web.Request, action: Callable[[str], Awaitable[None]],
+                      result: dict[str, object]) -> web.Response:
+    """Run an operator action on a running job: the engine raises KeyError when the job is not running."""
+    job_id = request.match_info["job_id"]
+    try:
+        await action(job_id)
+    except KeyError:
+        return error(409, "job_not_running", "no running job with that id")
+    return web.json_response({"job_id": job_id, **result})
+
+
 @routes.post("/api/v1/jobs/{job_id}/cancel")
 @operator("admin")
 async def cancel_job(request: web.Request) -> web.Response:
-    try:
-        await request.app[ENGINE].cancel(request.match_info["job_id"])
-    except KeyError:
-        return error(409, "job_not_running", "no running job with that id")
-    return web.json_response({"job_id": request.match_info["job_id"], "state": "cancelled"})
+    return await _job_action(request, request.app[ENGINE].cancel, {"state": "cancelled"})
 
 
 @routes.post("/api/v1/jobs/{job_id}/pause")
 @operator("admin")
 async def pause_job(request: web.Request) -> web.Response:
-    try:
-        await request.app[ENGINE].pause(request.match_info["job_id"])
-    except KeyError:
-        return error(409, "job_not_running", "no running job with that id")
-    return web.json_response({"job_id": request.match_info["job_id"], "paused": True})
+    return await _job_action(request, request.app[ENGINE].pause, {"paused": True})
 
 
 @routes.post("/api/v1/jobs/{job_id}/resume")
 @operator("admin")
 async def resume_job(request: web.Request) -> web.Response:
-    try:
-        await request.app[ENGINE].resume(request.match_info["job_id"])
-    except KeyError:
-        return error(409, "job_not_running", "no running job with that id")
-    return web.json_response({"job_id": request.match_info["job_id"], "paused": False})
+    return await _job_action(request, request.app[ENGINE].resume, {"paused": False})
 
 
 @routes.get("/api/v1/jobs/{job_id}/model")
@@ -245,63 +244,71 @@ async def get_blob(request: web.Request) -> web.Response:
     return web.Response(body=body, content_type="application/octet-stream")
 
 
+SiteHandler = Callable[[web.Request, str, str, int], Awaitable[web.Response]]
+
+
+def site_call(handler: SiteHandler) -> Handler:
+    """Site endpoints: the caller is the site its client certificate names (never a field of the body), and every
+    log line of the call carries its job, round and site."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        who = authorize(request, "site")
+        job_id, rnd = request.match_info["job_id"], _int(request.match_info["round"])
+        if isinstance(who, Rejection):
+            return await reject(request, who, None, job_id, rnd)
+        with structlog.contextvars.bound_contextvars(job=job_id, round=rnd, site=who.name):
+            return await handler(request, who.name, job_id, rnd)
+
+    return wrapped
+
+
+def malformed(reason: str, exc: ValidationError) -> Rejection:
+    return Rejection(reason, "; ".join(f"{e['field']}: {e['message']}" for e in validation_errors(exc)))
+
+
 @routes.post("/api/v1/jobs/{job_id}/rounds/{round}/update")
-async def upload_update(request: web.Request) -> web.Response:
+@site_call
+async def upload_update(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
     app = request.app
-    who = authorize(request, "site")
-    job_id, rnd = request.match_info["job_id"], _int(request.match_info["round"])
-    if isinstance(who, Rejection):
-        return await reject(request, who, None, job_id, rnd)
-    site = who.name
-    with structlog.contextvars.bound_contextvars(job=job_id, round=rnd, site=site):
-        if request.content_length is not None and request.content_length > app[MAX_UPLOAD]:
-            return await reject(
-                request, Rejection("too_large", f"body over {app[MAX_UPLOAD]} bytes", 413), site, job_id, rnd
-            )
-        try:
-            env = UpdateEnvelope.model_validate_json(request.headers.get(ENVELOPE_HEADER, ""))
-        except ValidationError as exc:
-            detail = "; ".join(f"{e['field']}: {e['message']}" for e in validation_errors(exc))
-            return await reject(request, Rejection("malformed_envelope", detail), site, job_id, rnd)
-        if env.site != site:
-            r = Rejection("identity_mismatch", f"authenticated as {site!r} but the envelope says {env.site!r}", 403)
-            return await reject(request, r, site, job_id, rnd)
-        if (env.job_id, env.round) != (job_id, rnd):
-            r = Rejection("envelope_mismatch", "the envelope's job/round differ from the URL's")
-            return await reject(request, r, site, job_id, rnd)
-        body = await request.read()
-        app[METRICS].bytes_received.inc(len(body))
-        try:
-            ack = await app[ENGINE].receive_update(site, env, body)
-        except Rejection as r:
-            return await reject(request, r, site, job_id, rnd)
-        response = web.json_response(ack)
-        if len(body) > CLOSE_AFTER_BYTES:
-            response.force_close()
-        return response
+    if request.content_length is not None and request.content_length > app[MAX_UPLOAD]:
+        r = Rejection("too_large", f"body over {app[MAX_UPLOAD]} bytes", 413)
+        return await reject(request, r, site, job_id, rnd)
+    try:
+        env = UpdateEnvelope.model_validate_json(request.headers.get(ENVELOPE_HEADER, ""))
+    except ValidationError as exc:
+        return await reject(request, malformed("malformed_envelope", exc), site, job_id, rnd)
+    if env.site != site:
+        r = Rejection("identity_mismatch", f"authenticated as {site!r} but the envelope says {env.site!r}", 403)
+        return await reject(request, r, site, job_id, rnd)
+    if (env.job_id, env.round) != (job_id, rnd):
+        r = Rejection("envelope_mismatch", "the envelope's job/round differ from the URL's")
+        return await reject(request, r, site, job_id, rnd)
+    body = await request.read()
+    app[METRICS].bytes_received.inc(len(body))
+    try:
+        ack = await app[ENGINE].receive_update(site, env, body)
+    except Rejection as r:
+        return await reject(request, r, site, job_id, rnd)
+    response = web.json_response(ack)
+    if len(body) > CLOSE_AFTER_BYTES:
+        response.force_close()
+    return response
 
 
 @routes.post("/api/v1/jobs/{job_id}/rounds/{round}/evaluation")
-async def upload_evaluation(request: web.Request) -> web.Response:
-    app = request.app
-    who = authorize(request, "site")
-    job_id, rnd = request.match_info["job_id"], _int(request.match_info["round"])
-    if isinstance(who, Rejection):
-        return await reject(request, who, None, job_id, rnd)
-    site = who.name
-    with structlog.contextvars.bound_contextvars(job=job_id, round=rnd, site=site):
-        try:
-            report = EvaluationReport.model_validate_json(await request.read())
-        except ValidationError as exc:
-            detail = "; ".join(f"{e['field']}: {e['message']}" for e in validation_errors(exc))
-            return await reject(request, Rejection("malformed_evaluation", detail), site, job_id, rnd)
-        if report.site != site or (report.job_id, report.round) != (job_id, rnd):
-            r = Rejection("identity_mismatch", "the report's site/job/round differ from the caller's", 403)
-            return await reject(request, r, site, job_id, rnd)
-        try:
-            return web.json_response(await app[ENGINE].receive_evaluation(site, report))
-        except Rejection as r:
-            return await reject(request, r, site, job_id, rnd)
+@site_call
+async def upload_evaluation(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
+    try:
+        report = EvaluationReport.model_validate_json(await request.read())
+    except ValidationError as exc:
+        return await reject(request, malformed("malformed_evaluation", exc), site, job_id, rnd)
+    if report.site != site or (report.job_id, report.round) != (job_id, rnd):
+        r = Rejection("identity_mismatch", "the report's site/job/round differ from the caller's", 403)
+        return await reject(request, r, site, job_id, rnd)
+    try:
+        return web.json_response(await request.app[ENGINE].receive_evaluation(site, report))
+    except Rejection as r:
+        return await reject(request, r, site, job_id, rnd)
 
 
 # ---------------------------------------------------------------- operations

@@ -197,26 +197,27 @@ class RoundEngine:
         self._arm(runner, max(rnd.deadline - time.time(), 0.0), self._round_deadline)
         await self._maybe_close(runner, job.round)
 
-    async def cancel(self, job_id: str, reason: str = "cancelled by operator") -> None:
+    def _running(self, job_id: str) -> JobRunner:
+        """The runner of a running job; KeyError (which the API answers with 409) when there is none."""
         runner = self._runners.get(job_id)
         if runner is None:
             raise KeyError(job_id)
+        return runner
+
+    async def cancel(self, job_id: str, reason: str = "cancelled by operator") -> None:
+        runner = self._running(job_id)
         async with runner.lock:
             await self._end(runner, "cancelled", reason)
 
     async def pause(self, job_id: str) -> None:
         """Let the current round finish, then start no new one until `resume`."""
-        runner = self._runners.get(job_id)
-        if runner is None:
-            raise KeyError(job_id)
+        runner = self._running(job_id)
         async with runner.lock:
             await self._db(self._store.set_paused, job_id, True, time.time())
             log.info("job_paused", job=job_id)
 
     async def resume(self, job_id: str) -> None:
-        runner = self._runners.get(job_id)
-        if runner is None:
-            raise KeyError(job_id)
+        runner = self._running(job_id)
         async with runner.lock:
             await self._db(self._store.set_paused, job_id, False, time.time())
             log.info("job_resumed", job=job_id)

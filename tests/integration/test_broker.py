@@ -26,6 +26,7 @@ from federation.transport import BrokerConfig, TLSConfig
 from fedsilo import broker as broker_mod
 from fedsilo.broker import BrokerError, BrokerTLS, MosquittoBroker, find_mosquitto
 from fedsilo.certs import Pki
+from tests.waiting import until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -47,16 +48,6 @@ def run(scenario: Callable[[], Coroutine[Any, Any, None]], timeout: float = 30.0
         await asyncio.wait_for(scenario(), timeout)
 
     asyncio.run(bounded())
-
-
-async def until(cond: Callable[[], bool], within: float = 5.0, what: str = "condition") -> float:
-    """Poll `cond` until it holds; return the seconds it took. Fail after `within` seconds."""
-    start = time.monotonic()
-    while not cond():
-        if time.monotonic() - start > within:
-            raise AssertionError(f"timed out after {within:g}s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return time.monotonic() - start
 
 
 class Inbox:

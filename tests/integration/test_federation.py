@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from fedsilo.client import ApiError
 from fedsilo.datasets import SYNTHETIC_SCHEMA, split_by_center, synthetic_tabular
 from fedsilo.local import LocalFederation, example_policy
 from tests.participants import Mallory, post_update
+from tests.waiting import wait_round
 
 pytestmark = pytest.mark.integration
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart-disease.yaml"
@@ -196,9 +196,7 @@ def test_broker_restart_mid_job_and_the_job_still_finishes(fed: LocalFederation)
         rounds=6, sites=["cleveland", "hungary"], min_sites=2, round_deadline_s=30,
         privacy={"clip_norm": 1.0, "noise_multiplier": 0.1, "delta": 1e-5},
     ))
-    deadline = time.monotonic() + 60
-    while fed.client.job(job_id)["round"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_round(fed, job_id, 2)
     fed.broker.restart()
     summary = fed.wait_job(job_id, timeout=120)
     assert summary["state"] == "finished", summary["reason"]
@@ -210,9 +208,7 @@ def test_aggregator_restart_mid_job_resumes(fed: LocalFederation) -> None:
         rounds=5, sites=["cleveland", "hungary"], min_sites=2, round_deadline_s=30,
         privacy={"clip_norm": 1.0, "noise_multiplier": 0.1, "delta": 1e-5},
     ))
-    deadline = time.monotonic() + 60
-    while fed.client.job(job_id)["round"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_round(fed, job_id, 2)
     fed.stop_aggregator(kill=True)
     fed.start_aggregator()
     summary = fed.wait_job(job_id, timeout=120)
@@ -244,9 +240,7 @@ def test_agent_killed_mid_job_rejoins_and_the_job_finishes(fed: LocalFederation)
         rounds=6, sites=["cleveland", "hungary"], min_sites=2, round_deadline_s=30,
         privacy={"clip_norm": 1.0, "noise_multiplier": 0.1, "delta": 1e-5},
     ))
-    deadline = time.monotonic() + 60
-    while fed.client.job(job_id)["round"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_round(fed, job_id, 2)
     fed.stop_agent("cleveland", kill=True)
     fed.start_agent("cleveland")
     summary = fed.wait_job(job_id, timeout=120)

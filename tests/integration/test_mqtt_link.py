@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -12,17 +11,10 @@ import pytest
 from federation.mqtt import MqttLink
 from federation.transport import BrokerConfig
 from fedsilo.broker import MosquittoBroker
+from tests.waiting import until
 
 pytestmark = pytest.mark.integration
 FAST = {"reconnect_min_s": 0.1, "reconnect_max_s": 0.5, "keepalive_s": 5}
-
-
-async def until(cond: Callable[[], bool], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached")
-        await asyncio.sleep(0.02)
 
 
 def run(coro: Callable[[], Awaitable[None]]) -> None:

@@ -9,7 +9,7 @@ import os
 import re
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from fedsilo.datasets import split_by_center
 from fedsilo.local import LocalFederation
 from tests.integration.test_federation import policy_for
 from tests.participants import Mallory
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart-disease.yaml"
@@ -46,15 +47,6 @@ def online_gauge_matches_the_store(fed: LocalFederation) -> bool:
     metrics = fed.client.request("GET", "/metrics").decode()
     gauge = float(re.search(r"^fedsilo_sites_online (\S+)$", metrics, re.M).group(1))  # type: ignore[union-attr]
     return gauge == sum(1 for s in fed.client.sites() if s["state"] == "online")
-
-
-def wait_for(cond: Callable[[], bool], within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_rounds_close_at_quorum_without_waiting_for_a_silent_site(fed: LocalFederation) -> None:

@@ -34,6 +34,7 @@ from federation.transport import BrokerConfig, TLSConfig
 from fedsilo.certs import local_pki
 from fedsilo.datasets import split_by_center
 from fedsilo.local import LocalFederation, example_policy
+from tests.waiting import wait_round
 
 pytestmark = pytest.mark.integration
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart-disease.yaml"
@@ -249,12 +250,6 @@ def test_spend_survives_a_crash_between_ledger_write_and_upload(fed: LocalFedera
     spec = JobSpec.from_yaml(job_yaml(rounds=3))
     assert summary["sites"]["hungary"]["epsilon"] == pytest.approx(
         epsilon_for(spec.privacy.noise_multiplier, 3, spec.privacy.delta), rel=1e-9)
-
-
-def wait_round(fed: LocalFederation, job_id: str, rnd: int, within: float = 60) -> None:
-    deadline = time.monotonic() + within
-    while fed.client.job(job_id)["round"] < rnd and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def test_a_job_pushed_past_its_plan_is_stopped_by_the_site(fed: LocalFederation) -> None:

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from fedsilo.cli import main
 from fedsilo.datasets import split_by_center
 from fedsilo.local import LocalFederation, example_policy
 from tests.tracking.aws import REGION, SageMakerProxy, aws_env, moto_server
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart-disease.yaml"
@@ -67,14 +67,6 @@ class Stack:
     def log_events(self, event: str) -> list[dict[str, Any]]:
         lines = self.fed.log("aggregator").read_text().splitlines()
         return [e for e in (json.loads(line) for line in lines if line.startswith("{")) if e.get("event") == event]
-
-
-def wait_for(check: Callable[[], bool], timeout: float = 60.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not true after {timeout}s: {what}")
-        time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +150,13 @@ def test_sagemaker_experiment_after_a_three_round_job(stack: Stack) -> None:
 def test_local_report_of_a_short_job(stack: Stack, chromium: Any, artifacts_dir: Path) -> None:
     summary = stack.run_job(rounds=2)
     out = stack.fed.report_dir / summary["job_id"]
+    def ended(run: str) -> bool:
+        path = out / "params.json"
+        return path.exists() and json.loads(path.read_text()).get(run, {}).get("status") == "finished"
+
+    # A run's files are complete once its end record is in: each run is delivered on its own, in turn.
     wait_for(lambda: stack.metric("fedsilo_tracking_pending_records", "local") == 0
-             and json.loads((out / "params.json").read_text()).get("aggregator", {}).get("status") == "finished",
-             what="local sink drained")
+             and ended("aggregator") and ended("client-cleveland"), what="local sink drained")
     for name in ("params.json", "metrics.jsonl", "metrics.csv", "curves-global.png", "curves-sites.png",
                  "report.html"):
         assert (out / name).stat().st_size > 0, name
