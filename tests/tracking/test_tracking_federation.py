@@ -152,7 +152,7 @@ def test_local_report_of_a_short_job(stack: Stack, chromium: Any, artifacts_dir:
     out = stack.fed.report_dir / summary["job_id"]
     def ended(run: str) -> bool:
         path = out / "params.json"
-        return path.exists() and json.loads(path.read_text()).get(run, {}).get("status") == "finished"
+        return path.exists() and bool(json.loads(path.read_text()).get(run, {}).get("status") == "finished")
 
     # A run's files are complete once its end record is in: each run is delivered on its own, in turn.
     wait_for(lambda: stack.metric("fedsilo_tracking_pending_records", "local") == 0
