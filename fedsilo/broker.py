@@ -9,7 +9,10 @@ Mosquitto facts this relies on (2.0.x):
 - started as root it switches to the user `mosquitto` unless the config says `user root`, and that user
   cannot read a root-owned working directory, so the config says `user root` when we are root;
 - with `per_listener_settings true`, `allow_anonymous`, the TLS files and `acl_file` apply to the listener
-  they follow, so they are written after the `listener` line.
+  they follow, so they are written after the `listener` line;
+- it opens a listener's socket before loading its TLS files, so a port that accepts connections is not yet a
+  broker that will stay up; the "mosquitto version ... running" log line (type `information`) comes after
+  every listener is ready.
 """
 
 from __future__ import annotations
