@@ -55,6 +55,11 @@ def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
     return [{"field": field or "(job)", "message": msg} for field, msg in field_errors(exc)]
 
 
+def one_line(errors: list[dict[str, str]]) -> str:
+    """The errors as the one-line detail of an error answer or a rejection."""
+    return "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+
+
 def authorize(request: web.Request, role: str) -> Identity | Rejection:
     """Sites are identified only by their TLS client certificate, never by headers or bodies."""
     who = certificate_identity(request)
@@ -116,8 +121,7 @@ async def submit_job(request: web.Request) -> web.Response:
         spec = JobSpec.model_validate(data)
     except ValidationError as exc:
         errors = validation_errors(exc)
-        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        return error(400, "invalid_job", detail, errors=errors)
+        return error(400, "invalid_job", one_line(errors), errors=errors)
     job_id = await request.app[ENGINE].submit(spec, requester=request[OPERATOR].name)
     return web.json_response({"job_id": job_id, "state": "offered"}, status=201)
 
@@ -263,7 +267,7 @@ def site_call(handler: SiteHandler) -> Handler:
 
 
 def malformed(reason: str, exc: ValidationError) -> Rejection:
-    return Rejection(reason, "; ".join(f"{e['field']}: {e['message']}" for e in validation_errors(exc)))
+    return Rejection(reason, one_line(validation_errors(exc)))
 
 
 @routes.post("/api/v1/jobs/{job_id}/rounds/{round}/update")

@@ -18,7 +18,7 @@ from sklearn.metrics import roc_auc_score
 
 from agent.data import SiteData, load_site_data
 from federation.jobs import JobSpec
-from federation.models import build_model, set_weights
+from federation.models import Weights, build_model, set_weights
 from federation.tensors import decode
 from fedsilo.datasets import split_by_center
 from fedsilo.local import LocalFederation, example_policy
@@ -54,9 +54,10 @@ def site_splits(files: dict[str, Path], spec: JobSpec) -> dict[str, SiteData]:
     return {s: load_site_data(p, spec.features, spec.dataset) for s, p in files.items()}
 
 
-def score(weights_bytes: bytes, spec: JobSpec, data: dict[str, SiteData]) -> tuple[dict[str, float], float]:
+def score(weights: Weights, spec: JobSpec, data: dict[str, SiteData]) -> tuple[dict[str, float], float]:
+    """Validation AUC of `weights` at each site and over all sites' validation rows pooled."""
     model = build_model(spec.model.name, spec.features.input_dim(), spec.model.hidden)
-    set_weights(model, decode(weights_bytes))
+    set_weights(model, weights)
     model.eval()
     per_site, ys, ps = {}, [], []
     with torch.no_grad():
@@ -104,7 +105,7 @@ def run_jobs(jobs: dict[str, dict[str, Any]], workdir: Path | None = None) -> li
             after = fed.client.request("GET", "/metrics").decode()
             moved = sum(_counter(after, n) - _counter(before, n)
                         for n in ("fedsilo_http_received_bytes", "fedsilo_http_sent_bytes"))
-            model = fed.client.request("GET", f"/api/v1/jobs/{job_id}/model")
+            model = decode(fed.client.request("GET", f"/api/v1/jobs/{job_id}/model"))
             per_site, pooled = score(model, spec, site_splits(files, spec))
             closed = [h for h in summary["history"] if h["duration_s"] is not None and h["round"] > 0]
             results.append(FederatedResult(

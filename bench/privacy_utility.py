@@ -26,21 +26,19 @@ import argparse
 import itertools
 import statistics
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from rich.console import Console
 from rich.table import Table
-from sklearn.metrics import roc_auc_score
 
 from agent.data import SiteData
 from agent.trainer import train_local
 from aggregator.engine import initial_weights
 from aggregator.strategies import FedAvg
-from bench.federated import example_job, run_jobs, site_splits
+from bench.federated import example_job, run_jobs, score, site_splits
 from federation.jobs import JobSpec
 from federation.models import build_model, get_weights, set_weights
 from federation.privacy import privatize
@@ -109,16 +107,13 @@ def job_for(eps: float, cfg: Config, seed: int) -> dict[str, Any]:
     )
 
 
-def simulate(spec: JobSpec, data: dict[str, SiteData], noise_seed: int, zero_init: bool = False,
-             noise_scale: float = 1.0) -> float:
+def simulate(spec: JobSpec, data: dict[str, SiteData], noise_seed: int, noise_scale: float = 1.0) -> float:
     """One job in-process with the agents' and the aggregator's own functions; returns the pooled AUC.
 
-    `zero_init` and `noise_scale` are what-ifs the deployment does not offer (a public, all-zero starting model;
-    each site adding only `noise_scale` of its noise, as under secure aggregation with distributed noise)."""
+    `noise_scale` is a what-if the deployment does not offer: each site adding only that fraction of its noise,
+    as under secure aggregation with distributed noise."""
     p = spec.privacy
     weights = initial_weights(spec)
-    if zero_init:
-        weights = {k: np.zeros_like(v) for k, v in weights.items()}
     rng = np.random.default_rng(noise_seed)
     strategy = FedAvg(spec.server_learning_rate)
     for rnd in range(1, spec.rounds + 1):
@@ -132,22 +127,17 @@ def simulate(spec: JobSpec, data: dict[str, SiteData], noise_seed: int, zero_ini
                                  p.noise_multiplier * noise_scale, rng)
             strategy.add(noisy, d.n_train)
         weights = strategy.apply(weights)
-    return pooled_auc(spec, weights, data)
+    return score(weights, spec, data)[1]
 
 
-def pooled_auc(spec: JobSpec, weights: dict[str, np.ndarray], data: dict[str, SiteData]) -> float:
-    model = build_model(spec.model.name, spec.features.input_dim(), spec.model.hidden)
-    set_weights(model, weights)
-    model.eval()
-    with torch.no_grad():
-        ys = np.concatenate([d.y_val for d in data.values()])
-        ps = np.concatenate([model(torch.from_numpy(d.x_val)).squeeze(-1).numpy() for d in data.values()])
-    return float(roc_auc_score(ys, ps))
+def held_out_sites(spec: JobSpec) -> dict[str, SiteData]:
+    """Each center's train/validation split for `spec`'s features, in memory (the files only pass through)."""
+    with tempfile.TemporaryDirectory(prefix="fedsilo-pu-") as tmp:
+        return site_splits(split_by_center(Path(tmp)), spec)
 
 
 def search(console: Console, targets: list[float], repeats: int) -> None:
-    files = split_by_center(Path(tempfile.mkdtemp(prefix="fedsilo-pu-search-")))
-    data = site_splits(files, JobSpec.model_validate(example_job()))
+    data = held_out_sites(JobSpec.model_validate(example_job()))
     grid = [Config(r, e, lr, c, s) for r, e, lr, c, s in
             itertools.product([2, 5, 8, 12], [5, 30], [0.1], [0.2, 0.3, 1.0], [1.0, 2.0])]
     for eps in targets:
@@ -166,19 +156,17 @@ def search(console: Console, targets: list[float], repeats: int) -> None:
 
 def what_if(console: Console, repeats: int) -> None:
     """At ε = 8, the chosen configuration against two changes the deployment does not offer (see `simulate`)."""
-    files = split_by_center(Path(tempfile.mkdtemp(prefix="fedsilo-pu-whatif-")))
-    data = site_splits(files, JobSpec.model_validate(example_job()))
+    data = held_out_sites(JobSpec.model_validate(example_job()))
     table = Table(title=f"what-if at target ε 8 (δ {DELTA:g}), in-process, {repeats} noise draws")
     for col in ("variant", "configuration", "pooled AUC mean", "sd"):
         table.add_column(col, justify="left" if col in ("variant", "configuration") else "right")
-    variants = [("as deployed", False, 1.0), ("all-zero (public) initial model", True, 1.0),
-                ("distributed noise σ/√4 per site (needs secure aggregation)", False, 0.5),
-                ("both", True, 0.5)]
+    variants = [("as deployed", "seeded", 1.0), ("all-zero (public) initial model", "zeros", 1.0),
+                ("distributed noise σ/√4 per site (needs secure aggregation)", "seeded", 0.5),
+                ("both", "zeros", 0.5)]
     for cfg in sorted({CHOSEN[8.0], Config(2, 30, 0.1, 1.0, 1.0)}, key=str):
-        spec = JobSpec.model_validate(job_for(8.0, cfg, 0))
-        for name, zero, scale in variants:
-            aucs = [simulate(spec.model_copy(update={"seed": k}), data, 10_000 + k, zero, scale)
-                    for k in range(repeats)]
+        for name, init, scale in variants:
+            spec = JobSpec.model_validate(job_for(8.0, replace(cfg, init=init), 0))
+            aucs = [simulate(spec.model_copy(update={"seed": k}), data, 10_000 + k, scale) for k in range(repeats)]
             table.add_row(name, cfg.text(), f"{statistics.mean(aucs):.3f}", f"{statistics.pstdev(aucs):.3f}")
     console.print(table)
 
@@ -201,11 +189,9 @@ def measure(console: Console, targets: list[float], seeds: int, chosen: dict[flo
                       f"{statistics.mean(aucs):.3f} ± {statistics.pstdev(aucs):.3f}",
                       f"{sum(r.state == 'finished' for r in runs)}/{seeds}")
     console.print(table)
-    spec = JobSpec.model_validate(job_for(targets[0], chosen[targets[0]], 0))
-    if spec.model.init == "prior":
-        files = split_by_center(Path(tempfile.mkdtemp(prefix="fedsilo-pu-prior-")))
-        console.print(f"The published prior alone (the starting model, no data, no ε): pooled AUC "
-                      f"{pooled_auc(spec, initial_weights(spec), site_splits(files, spec)):.3f}")
+    if spec.model.init == "prior":  # the same prior for every target: score the last spec's
+        prior_auc = score(initial_weights(spec), spec, held_out_sites(spec))[1]
+        console.print(f"The published prior alone (the starting model, no data, no ε): pooled AUC {prior_auc:.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:

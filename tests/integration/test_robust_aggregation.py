@@ -89,7 +89,8 @@ def test_one_poisoned_site_wrecks_fedavg_but_not_the_robust_strategies(
     assert summary["state"] == "finished", summary["reason"]
     assert statuses == [200] * ROUNDS  # every poisoned update passed validation: only the strategy stands between
     assert all(h["sites_reporting"] >= 3 for h in summary["history"][1:])
-    _, pooled_auc = score(model, JobSpec.model_validate(job), site_splits(files, JobSpec.model_validate(job)))
+    spec = JobSpec.model_validate(job)
+    _, pooled_auc = score(decode(model), spec, site_splits(files, spec))
     if strategy == "fedavg":
         assert pooled_auc < 0.6, pooled_auc
     else:
