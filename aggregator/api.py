@@ -20,10 +20,11 @@ from pydantic import ValidationError
 from aggregator import openapi
 from aggregator.auth import Identity, OperatorToken, Role, certificate_identity, operator_identity
 from aggregator.blobs import BlobStore
+from aggregator.db import Db
 from aggregator.engine import RoundEngine
 from aggregator.metrics import AggregatorMetrics
-from aggregator.report import job_summary
 from aggregator.store import JobRow, StateStore
+from aggregator.summary import job_summary
 from aggregator.validation import Rejection
 from federation.jobs import JobSpec
 from federation.messages import ENVELOPE_HEADER, EvaluationReport, UpdateEnvelope
@@ -33,7 +34,7 @@ log = structlog.get_logger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ENGINE: web.AppKey[RoundEngine] = web.AppKey("engine", RoundEngine)
-STORE: web.AppKey[StateStore] = web.AppKey("store", StateStore)
+DB: web.AppKey[Db] = web.AppKey("db", Db)
 BLOBS: web.AppKey[BlobStore] = web.AppKey("blobs", BlobStore)
 METRICS: web.AppKey[AggregatorMetrics] = web.AppKey("metrics", AggregatorMetrics)
 MAX_UPLOAD: web.AppKey[int] = web.AppKey("max_upload", int)
@@ -96,7 +97,7 @@ async def reject(
 ) -> web.Response:
     app = request.app
     app[METRICS].updates_rejected.labels(site or "unknown", r.reason).inc()
-    await app[ENGINE].db(app[STORE].add_rejection, job_id, rnd, site, r.reason, r.detail, time.time())
+    await app[DB](app[DB].store.add_rejection, job_id, rnd, site, r.reason, r.detail, time.time())
     log.warning("upload_rejected", job=job_id, round=rnd, site=site, reason=r.reason, detail=r.detail)
     return error(r.status, r.reason, r.detail)
 
@@ -130,8 +131,8 @@ async def submit_job(request: web.Request) -> web.Response:
 @operator("viewer")
 async def list_jobs(request: web.Request) -> web.Response:
     app = request.app
-    jobs = await app[ENGINE].db(app[STORE].list_jobs, None)
-    deadlines = await app[ENGINE].db(_open_deadlines, app[STORE], [j for j in jobs if j.state == "running"])
+    jobs = await app[DB].read(lambda s: s.list_jobs(None))
+    deadlines = await app[DB].read(_open_deadlines, [j for j in jobs if j.state == "running"])
     return web.json_response([
         {"job_id": j.job_id, "name": j.spec.name, "state": j.state, "round": min(j.round, j.spec.rounds),
          "rounds": j.spec.rounds, "reason": j.reason, "created_at": j.created_at,
@@ -155,8 +156,12 @@ def _open_deadlines(store: StateStore, jobs: list[JobRow]) -> dict[str, float]:
 @routes.get("/api/v1/jobs/{job_id}")
 @operator("viewer")
 async def get_job(request: web.Request) -> web.Response:
-    app = request.app
-    summary = await app[ENGINE].db(job_summary, app[STORE], request.match_info["job_id"])
+    """The job's summary; `?sites=none` leaves the per-site detail out (a status poll of a large federation)."""
+    detail = request.query.get("sites", "all")
+    if detail not in ("all", "none"):
+        return error(400, "bad_query", f"sites must be 'all' or 'none', not {detail[:40]!r}")
+    per_site = detail == "all"
+    summary = await request.app[DB].read(job_summary, request.match_info["job_id"], per_site)
     if summary is None:
         return error(404, "unknown_job", f"no job {request.match_info['job_id']!r}")
     return web.json_response(summary)
@@ -195,10 +200,10 @@ async def resume_job(request: web.Request) -> web.Response:
 @operator("viewer")
 async def final_model(request: web.Request) -> web.Response:
     app = request.app
-    job = await app[ENGINE].db(app[STORE].get_job, request.match_info["job_id"])
+    job = await app[DB].read(lambda s: s.get_job(request.match_info["job_id"]))
     if job is None:
         return error(404, "unknown_job", "no such job")
-    body = await app[ENGINE].db(app[BLOBS].get, job.model_sha)
+    body = await app[DB].read(lambda _: app[BLOBS].get(job.model_sha))
     return web.Response(body=body, content_type="application/octet-stream",
                         headers={"X-Fedsilo-Sha256": job.model_sha})
 
@@ -206,23 +211,20 @@ async def final_model(request: web.Request) -> web.Response:
 @routes.get("/api/v1/sites")
 @operator("viewer")
 async def sites(request: web.Request) -> web.Response:
-    app = request.app
-    return web.json_response(await app[ENGINE].db(app[STORE].sites))
+    return web.json_response(await request.app[DB].read(lambda s: s.sites()))
 
 
 @routes.get("/api/v1/rejections")
 @operator("viewer")
 async def rejections(request: web.Request) -> web.Response:
-    app = request.app
-    return web.json_response(await app[ENGINE].db(app[STORE].rejections, request.query.get("job_id"), 1000))
+    return web.json_response(await request.app[DB].read(lambda s: s.rejections(request.query.get("job_id"), 1000)))
 
 
 @routes.get("/api/v1/decisions")
 @operator("viewer")
 async def decisions(request: web.Request) -> web.Response:
     """Every site's answer to every job offered to it (reasons, ε spent in that job): the console's site view."""
-    app = request.app
-    return web.json_response(await app[ENGINE].db(app[STORE].site_decisions, request.query.get("site")))
+    return web.json_response(await request.app[DB].read(lambda s: s.site_decisions(request.query.get("site"))))
 
 
 @routes.get("/api/v1/me")
@@ -241,9 +243,9 @@ async def get_blob(request: web.Request) -> web.Response:
     who = authorize(request, "site")
     if isinstance(who, Rejection):
         return error(who.status, who.reason, who.detail)
-    if not await app[ENGINE].db(app[STORE].is_model, sha):
+    if not await app[DB].read(lambda s: s.is_model(sha)):
         return error(404, "unknown_model", "no global model with that hash")
-    body = await app[ENGINE].db(app[BLOBS].get, sha)
+    body = await app[DB].read(lambda _: app[BLOBS].get(sha))
     app[METRICS].bytes_sent.inc(len(body))
     return web.Response(body=body, content_type="application/octet-stream")
 

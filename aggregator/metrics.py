@@ -46,6 +46,10 @@ class AggregatorMetrics:
         )
         self.bytes_sent = Counter("fedsilo_http_sent_bytes", "Response body bytes sent over HTTP.", registry=r)
         self.jobs = Gauge("fedsilo_jobs", "Jobs by state.", ["state"], registry=r)
+        self.job_events_dropped = Counter(
+            "fedsilo_job_events_dropped", "Closed rounds whose tracking records waited for the job's end (the "
+            "job-event queue was full).", registry=r,
+        )
         self.site_refusals = Counter(
             "fedsilo_job_refusals", "Job offers a site refused.", ["site"], registry=r
         )

@@ -62,11 +62,12 @@ class RoundHistory(BaseModel):
     round: int
     complete: bool
     sites_reporting: int | None
+    sites_evaluated: int = Field(description="sites whose metrics of this model version are in")
     samples: int | None
     train_loss: float | None
     duration_s: float | None
     global_: EvalMetrics | None = Field(alias="global")
-    sites: dict[str, EvalMetrics]
+    sites: dict[str, EvalMetrics] = Field(description="each site's metrics; empty with `?sites=none`")
 
 
 class RejectionRow(BaseModel):
@@ -92,9 +93,14 @@ class JobSummary(BaseModel):
     model_sha256: str
     created_at: float
     updated_at: float
-    sites: dict[str, SiteAnswer]
+    decisions: dict[str, int] = Field(description="how many sites gave each answer (offered, accepted, ...)")
+    epsilon_max: float | None = Field(description="the largest ε a site reported in this job")
+    report: Literal["pending", "written"] | None = Field(
+        description="once the job ended: whether its report is written yet (null while it runs)")
+    sites: dict[str, SiteAnswer] | None = Field(None, description="each site's answer; absent with `?sites=none`")
     history: list[RoundHistory]
-    training: list[dict[str, Any]] = Field(description="per training round, what each site reported with its update")
+    training: list[dict[str, Any]] | None = Field(
+        None, description="per training round, what each site reported with its update; absent with `?sites=none`")
     rejections: list[RejectionRow]
     spec: dict[str, Any] = Field(description="the submitted JobSpec")
 
@@ -204,7 +210,10 @@ def _paths() -> dict[str, Any]:
         "/api/v1/jobs/{job_id}": {"get": _op(
             "A job's summary: decisions, per-round global and per-site metrics, rejections",
             {"200": _json(_ref(JobSummary), "the summary"), **_errors(401, 403, 404)},
-            security=OPERATOR, parameters=[JOB_ID], tag="jobs")},
+            security=OPERATOR, tag="jobs", parameters=[JOB_ID, {
+                "name": "sites", "in": "query", "required": False,
+                "description": "`none`: leave each site's detail out (a status poll of a large federation)",
+                "schema": {"type": "string", "enum": ["all", "none"], "default": "all"}}])},
         **{f"/api/v1/jobs/{{job_id}}/{action}": ops for action, ops in control.items()},
         "/api/v1/jobs/{job_id}/model": {"get": _op(
             "The job's current global model (safetensors)",

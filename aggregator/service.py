@@ -12,9 +12,11 @@ from aggregator import api
 from aggregator.blobs import open_blobs
 from aggregator.config import AggregatorConfig
 from aggregator.console import add_console
+from aggregator.db import Db
 from aggregator.engine import RoundEngine
+from aggregator.jobevents import JobEventWorker
 from aggregator.metrics import AggregatorMetrics
-from aggregator.report import job_summary, write_report
+from aggregator.sites import SiteRegistry
 from aggregator.store import open_store
 from aggregator.tracking import TrackingHub
 from federation import topics
@@ -30,7 +32,7 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
         raise ValueError("the aggregator needs `tls` (CA, certificate, key) and `signing_key`: sites trust only "
                          "signed jobs and identify themselves with client certificates (see `fedsilo certs`)")
     key = load_private_key(cfg.signing_key)
-    store = open_store(cfg.state_url)
+    db = Db(open_store(cfg.state_url), reader=open_store(cfg.state_url))
     blobs = open_blobs(cfg.blob_url)
     metrics = AggregatorMetrics()
     pending: set[asyncio.Task[None]] = set()
@@ -53,7 +55,7 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
             log.warning("mqtt_message_rejected", topic=topic, reason="site_mismatch", claimed=msg.site)
             metrics.updates_rejected.labels(site or "unknown", "site_mismatch").inc()
             return
-        coro = engine.on_site_status(msg) if isinstance(msg, SiteStatus) else engine.on_site_event(msg)
+        coro = sites.on_status(msg) if isinstance(msg, SiteStatus) else engine.on_site_event(msg)
         task = asyncio.ensure_future(coro)
         pending.add(task)
         task.add_done_callback(pending.discard)
@@ -62,18 +64,12 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     link = MqttLink("fedsilo-aggregator", broker, on_message, subscriptions=[topics.status(), topics.events()])
 
     tracking = TrackingHub(cfg.tracking, metrics.registry, cfg.report_dir, cfg.state_url)
-
-    async def on_job_event(job_id: str, event: str) -> None:
-        if event in ("finished", "failed", "cancelled"):
-            out = await engine.db(write_report, store, blobs, job_id, cfg.report_dir)
-            log.info("report_written", job=job_id, path=str(out))
-        summary = await engine.db(job_summary, store, job_id)
-        if summary is not None:
-            await tracking.on_job_event(event, summary)
-
-    engine = RoundEngine(store, blobs, link, lambda m: sign(m, key), metrics, on_job_event=on_job_event)
+    # Reports and tracking follow rounds and jobs on a worker of their own, with a store connection of its own.
+    events = JobEventWorker(db, lambda: open_store(cfg.state_url), blobs, cfg.report_dir, tracking, metrics)
+    engine = RoundEngine(db, blobs, link, lambda m: sign(m, key), metrics, post=events.post)
+    sites = SiteRegistry(db, metrics)
     app = web.Application(client_max_size=cfg.max_upload_bytes)
-    app[api.ENGINE], app[api.STORE], app[api.BLOBS], app[api.METRICS] = engine, store, blobs, metrics
+    app[api.ENGINE], app[api.DB], app[api.BLOBS], app[api.METRICS] = engine, db, blobs, metrics
     app[api.MAX_UPLOAD] = cfg.max_upload_bytes
     app[api.TOKENS] = cfg.operators
     app.add_routes(api.routes)
@@ -81,18 +77,21 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
 
     async def startup(_: web.Application) -> None:
         await link.start()
+        await sites.load()
+        await events.start()  # first re-posts the follow-ups of jobs that ended before the last stop
         await engine.recover()
         await tracking.start()  # drains records a previous run left in the outbox
-        background.append(asyncio.create_task(engine.run_site_sweeper(cfg.site_timeout_s)))
+        background.append(asyncio.create_task(sites.run_sweeper(cfg.site_timeout_s)))
         log.info("aggregator_started", host=cfg.host, port=cfg.port, tls=cfg.tls is not None)
 
     async def cleanup(_: web.Application) -> None:
         for task in background:
             task.cancel()
-        await tracking.close()
         await engine.shutdown()
+        await events.close(cfg.tracking.close_timeout_s)
+        await tracking.close()
         await link.stop()
-        store.close()
+        db.shutdown()
 
     app.on_startup.append(startup)
     app.on_cleanup.append(cleanup)

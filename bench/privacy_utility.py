@@ -36,7 +36,7 @@ from rich.table import Table
 
 from agent.data import SiteData
 from agent.trainer import train_local
-from aggregator.engine import initial_weights
+from aggregator.runner import initial_weights
 from aggregator.strategies import FedAvg
 from bench.federated import example_job, run_jobs, score, site_splits
 from federation.jobs import JobSpec

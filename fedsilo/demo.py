@@ -35,7 +35,8 @@ def run_demo(workdir: Path, job_file: Path, timeout: float = 1800) -> dict[str, 
         console.print(f"structured logs (JSON) in {workdir / 'logs'}")
         job_id = fed.client.submit(job_file.read_text())
         console.print(f"submitted {job_file} → job [bold]{job_id}[/]")
-        summary = watch(fed.client, job_id, timeout=timeout)
+        watch(fed.client, job_id, timeout=timeout)
+        summary = fed.wait_job(job_id, timeout=120)  # the report is written just after the job ends
     finally:
         fed.stop()
     _print_outcome(summary, fed.report_dir / summary["job_id"], time.monotonic() - t0)

@@ -204,7 +204,7 @@ class LocalFederation:
         deadline = time.monotonic() + timeout
         while True:
             summary = self.client.job(job_id)
-            if summary["state"] in ENDED:
+            if summary["state"] in ENDED and summary["report"] == "written":
                 return summary
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {summary['state']} after {timeout}s")

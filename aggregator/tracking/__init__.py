@@ -1,10 +1,13 @@
 """Experiment tracking: one interface, several sinks (local files, SageMaker Experiments).
 
-The aggregator calls `TrackingHub.on_job_event` after each finished round and when a job ends, with the job's
-summary (`aggregator.report.job_summary`). The hub turns the summary into records (`records.records_for`),
-commits them to a SQLite outbox and returns: training never waits on a tracker. One background task per sink
-drains the outbox on a thread of its own, retrying a failing sink with exponential backoff, counting failures
-in `/metrics` (`fedsilo_tracking_*`) and logging once when a sink starts failing and once when it recovers.
+The aggregator's job-event worker (`aggregator.jobevents`, never the round engine itself) calls
+`TrackingHub.on_round` after each finished round with what that round added, and `on_summary` with a job's whole
+summary when it ends (and for each running job at start-up, to catch up on anything a crash kept from being
+queued). The hub turns them into records (`records`), commits those to a SQLite outbox on a thread of its own and
+returns: training never waits on a tracker, and a round costs O(its sites) whatever the job's history. One
+background task per sink drains the outbox on a thread of its own, retrying a failing sink with exponential
+backoff, counting failures in `/metrics` (`fedsilo_tracking_*`) and logging once when a sink starts failing and
+once when it recovers.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from aggregator.store import sqlite_path
 from aggregator.tracking.config import TrackingConfig
 from aggregator.tracking.outbox import Outbox
-from aggregator.tracking.records import records_for
+from aggregator.tracking.records import records_for, round_records, sharing_sites
 from aggregator.tracking.sink import Record, RunRef, TrackingSink, deliver
 
 __all__ = ["TrackingConfig", "TrackingHub", "TrackingSink", "default_outbox", "make_sinks"]
@@ -61,6 +65,7 @@ class _SinkState:
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     failures: int = 0  # consecutive failed deliveries (the current burst)
     failing_since: float = 0.0
+    pending: int = 0  # records in the outbox not yet delivered (counted once at start, then kept here)
     task: asyncio.Task[None] | None = None
 
 
@@ -102,6 +107,8 @@ class TrackingHub:
         self._outbox: Outbox | None = None
         self._db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tracking-outbox")
         self._closing = False
+        # Per running job, the sites that withheld tracking in one of their updates: they get no more records.
+        self._withheld: dict[str, set[str]] = {}
 
     @property
     def sink_names(self) -> list[str]:
@@ -125,29 +132,51 @@ class TrackingHub:
             await self._run_db(lambda: self._open().prune(self._config.keep_delivered_days * 86_400.0))
         for state in self._sinks.values():
             if state.task is None:
-                await self._refresh_pending(state)
+                state.pending = await self._run_db(lambda s=state: self._open().count_pending(s.sink.name))
+                self._metrics.pending.labels(state.sink.name).set(state.pending)
                 state.task = asyncio.create_task(self._drain(state), name=f"tracking-{state.sink.name}")
             state.wake.set()
 
-    async def on_job_event(self, event: str, summary: dict[str, Any]) -> None:
-        """`event` is "round_closed", "finished", "failed" or "cancelled". Never raises: tracking must not
-        fail a job."""
+    async def on_round(
+        self, job_id: str, spec: dict[str, Any], rnd: int, sites: dict[str, dict[str, Any]],
+        evaluations: dict[str, dict[str, Any]], global_metrics: dict[str, Any] | None,
+    ) -> None:
+        """What round `rnd` of a job added (see `records.round_records`). Never raises."""
         if not self._sinks or self._closing:
             return
+        withheld = self._withheld.setdefault(job_id, set())
+        await self._enqueue(job_id, "round_closed", lambda: round_records(
+            job_id, spec, self._config.experiment_prefix, rnd, sites, evaluations, global_metrics, withheld))
+
+    async def on_summary(self, summary: dict[str, Any]) -> None:
+        """Everything a job's summary implies (`records.records_for`; what is queued already is skipped).
+        Never raises: tracking must not fail a job."""
+        if not self._sinks or self._closing:
+            return
+        job_id = summary["job_id"]
+        if summary["state"] in ("offered", "running"):
+            ever = {s for t in summary["training"] for s, info in t["sites"].items()}
+            self._withheld[job_id] = ever - set(sharing_sites(summary))
+        else:
+            self._withheld.pop(job_id, None)
+        await self._enqueue(job_id, summary["state"],
+                            lambda: records_for(summary, self._config.experiment_prefix, self._report_dir))
+
+    async def _enqueue(self, job_id: str, event: str, build: Callable[[], list[Record]]) -> None:
         try:
             await self.start()
-            records = records_for(summary, self._config.experiment_prefix, self._report_dir)
+            records = await self._run_db(build)  # O(sites) of Python: off the event loop
             for state in self._sinks.values():
                 new = await self._run_db(lambda s=state: self._open().enqueue(s.sink.name, records))
                 self._metrics.queued.labels(state.sink.name).inc(new)
-                await self._refresh_pending(state)
+                self._pending(state, new)
                 state.wake.set()
         except Exception:
-            log.exception("tracking_enqueue_failed", job=summary.get("job_id"), tracking_event=event)
+            log.exception("tracking_enqueue_failed", job=job_id, tracking_event=event)
 
-    async def _refresh_pending(self, state: _SinkState) -> None:
-        n = await self._run_db(lambda: self._open().count_pending(state.sink.name))
-        self._metrics.pending.labels(state.sink.name).set(n)
+    def _pending(self, state: _SinkState, change: int) -> None:
+        state.pending = max(0, state.pending + change)
+        self._metrics.pending.labels(state.sink.name).set(state.pending)
 
     async def _drain(self, state: _SinkState) -> None:
         while True:
@@ -166,24 +195,22 @@ class TrackingHub:
                     break
 
     async def _deliver_batch(self, state: _SinkState) -> bool:
-        """Deliver up to `batch_size` pending records, run by run; True when more may be waiting."""
+        """Deliver up to `batch_size` pending records, run by run, then flush the sink once and mark them
+        delivered; True when more may be waiting."""
         name = state.sink.name
         batch: list[tuple[int, Record]] = await self._run_db(
             lambda: self._open().pending(name, self._config.batch_size)
         )
         if not batch:
             return False
-        runs: dict[tuple[str, str], tuple[RunRef, list[int], list[Record]]] = {}
-        for i, rec in batch:
-            _, ids, recs = runs.setdefault((rec.run.experiment, rec.run.name), (rec.run, [], []))
-            ids.append(i)
-            recs.append(rec)
-        loop = asyncio.get_running_loop()
-        for run, ids, recs in runs.values():
-            await loop.run_in_executor(state.pool, deliver, state.sink, run, recs)
-            await self._run_db(lambda ids=ids: self._open().mark_delivered(ids))
-            self._metrics.delivered.labels(name).inc(len(ids))
-        await self._refresh_pending(state)
+        runs: dict[tuple[str, str], tuple[RunRef, list[Record]]] = {}
+        for _, rec in batch:
+            runs.setdefault((rec.run.experiment, rec.run.name), (rec.run, []))[1].append(rec)
+        await asyncio.get_running_loop().run_in_executor(state.pool, _deliver_all, state.sink, list(runs.values()))
+        ids = [i for i, _ in batch]
+        await self._run_db(lambda: self._open().mark_delivered(ids))
+        self._metrics.delivered.labels(name).inc(len(ids))
+        self._pending(state, -len(ids))
         return len(batch) >= self._config.batch_size
 
     def _failed(self, state: _SinkState, exc: Exception) -> float:
@@ -236,3 +263,9 @@ class TrackingHub:
         if self._outbox is not None:
             await self._run_db(self._outbox.close)
         self._db.shutdown(wait=True)
+
+
+def _deliver_all(sink: TrackingSink, runs: list[tuple[RunRef, list[Record]]]) -> None:
+    for run, recs in runs:
+        deliver(sink, run, recs)
+    sink.flush()

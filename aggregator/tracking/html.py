@@ -8,6 +8,8 @@ import datetime
 from html import escape
 from typing import Any
 
+from aggregator.plots import SITE_LINES, quantiles, site_series, worst_sites
+
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:72rem;color:#222;padding:0 1rem}
 h1{font-size:1.5rem;margin-bottom:.2rem} h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #ddd}
@@ -76,24 +78,19 @@ def render(summary: dict[str, Any], plots: dict[str, bytes]) -> str:
                  "site on its own validation split; the global value is the sample-weighted mean.</p>")
     parts += [f"<figure>{_img(png, caption)}<figcaption>{escape(caption)}</figcaption></figure>"
               for caption, png in plots.items()]
-    sites = sorted({s for h in summary["history"] for s in h["sites"]})
-    head = ["round", "global AUC", "global loss", "train loss"]
-    head += [f"{s} {m}" for s in sites for m in ("AUC", "loss")]
-    rows = []
-    for h in summary["history"]:
-        g = h["global"] or {}
-        row = [str(h["round"]), _num(g.get("auc")), _num(g.get("loss")), _num(h["train_loss"])]
-        for s in sites:
-            m = h["sites"].get(s) or {}
-            row += [_num(m.get("auc")), _num(m.get("loss"))]
-        rows.append(row)
-    parts.append(_table(head, rows) if rows else "<p class=\"muted\">No round was evaluated.</p>")
+    parts.append(_rounds_table(summary))
     parts.append("<h2>Sites: decision and privacy loss ε</h2>")
     site_rows = [
         [escape(s), escape(d["decision"]), _num(d["epsilon"], 2), escape("; ".join(d["reasons"])) or "—"]
         for s, d in sorted(summary["sites"].items())
     ]
-    parts.append(_table(["site", "decision", f"ε (δ={privacy['delta']:g})", "reasons"], site_rows, numeric_from=2))
+    site_table = _table(["site", "decision", f"ε (δ={privacy['delta']:g})", "reasons"], site_rows, numeric_from=2)
+    if len(site_rows) > SITE_LINES:
+        counts = ", ".join(f"{n} {d}" for d, n in sorted(summary.get("decisions", {}).items()))
+        parts.append(_worst_table(summary))
+        parts.append(f"<details><summary>All {len(site_rows)} sites ({escape(counts)})</summary>{site_table}</details>")
+    else:
+        parts.append(site_table)
     refused = [r for r in site_rows if r[1] == "refused"]
     parts.append("<h2>Refusals</h2>")
     parts.append(_table(["site", "decision", "ε", "reasons"], refused, numeric_from=2) if refused
@@ -112,3 +109,37 @@ def render(summary: dict[str, Any], plots: dict[str, bytes]) -> str:
             "<link rel=\"icon\" href=\"data:,\">"
             f"<style>{STYLE}</style>"
             f"</head><body>{''.join(parts)}</body></html>\n")
+
+
+def _rounds_table(summary: dict[str, Any]) -> str:
+    """Per round, the global metrics and each site's (a column pair per site), or with many sites the sites'
+    AUC quantiles instead of a column per site."""
+    sites = sorted({s for h in summary["history"] for s in h["sites"]})
+    many = len(sites) > SITE_LINES
+    head = ["round", "global AUC", "global loss", "train loss"]
+    head += ["site AUC min", "25 %", "median", "75 %", "max"] if many else [
+        f"{s} {m}" for s in sites for m in ("AUC", "loss")]
+    auc_q = quantiles(site_series(summary, "auc")) if many else {}
+    rows = []
+    for h in summary["history"]:
+        g = h["global"] or {}
+        row = [str(h["round"]), _num(g.get("auc")), _num(g.get("loss")), _num(h["train_loss"])]
+        if many:
+            q = auc_q.get(h["round"])
+            row += [_num(v) for v in q] if q else ["—"] * 5
+        else:
+            for s in sites:
+                m = h["sites"].get(s) or {}
+                row += [_num(m.get("auc")), _num(m.get("loss"))]
+        rows.append(row)
+    return _table(head, rows) if rows else "<p class=\"muted\">No round was evaluated.</p>"
+
+
+def _worst_table(summary: dict[str, Any]) -> str:
+    """The sites with the lowest validation AUC of the last evaluated model: where an operator looks first."""
+    series = site_series(summary, "auc")
+    worst = worst_sites(series, higher_is_worse=False, k=10)
+    rows = [[escape(s), str(series[s][-1][0]), _num(series[s][-1][1]),
+             _num(summary["sites"].get(s, {}).get("epsilon"), 2)] for s in worst]
+    return ("<p>The sites with the lowest validation AUC at their last evaluation:</p>"
+            + _table(["site", "round", "AUC", "ε"], rows))

@@ -1,7 +1,8 @@
-"""What a job's summary becomes in experiment tracking: runs, parameters, per-round metrics, the end of runs.
+"""What a job becomes in experiment tracking: runs, parameters, per-round metrics, the end of runs.
 
-A pure function of the summary, so it can be replayed: the hub calls it after every round and at the end (the
-outbox drops records it already holds, by key), and `fedsilo report` replays it to rebuild the local files.
+Pure functions, so they can be replayed: after each round the hub queues what that round adds (`round_records`,
+O(sites)); when a job ends it queues everything its summary implies (`records_for`; the outbox drops records it
+already holds, by key), and `fedsilo report` replays the latter to rebuild the local files.
 Per-site runs exist only for sites whose every update said `share_tracking` (their policy allows it), and
 carry only what those updates carried: sample count, training loss, validation AUC and ε.
 """
@@ -76,40 +77,86 @@ def client_params(spec: dict[str, Any]) -> dict[str, Param]:
     }
 
 
+def site_round_records(run: RunRef, base: dict[str, Param], rnd: int, info: dict[str, Any]) -> list[Record]:
+    """What a site's update of round `rnd` adds to its run: the round's parameters (sample count, ε) and its
+    training loss."""
+    params = base | {"train_data_size": info["num_samples"]}
+    if info["epsilon"] is not None:
+        params["epsilon"] = float(info["epsilon"])
+    return [
+        Record(key=f"{run.name}|params|{rnd}", run=run, kind="params", params=params),
+        Record(key=f"{run.name}|Training:Loss|{rnd}", run=run, kind="metric", name="Training:Loss",
+               value=float(info["train_loss"]), step=rnd),
+    ]
+
+
+def site_eval_record(run: RunRef, version: int, auc: float | None) -> list[Record]:
+    if auc is None:
+        return []
+    return [Record(key=f"{run.name}|Validation:AUC|{version}", run=run, kind="metric", name="Validation:AUC",
+                   value=float(auc), step=version)]
+
+
+def global_records(agg: RunRef, version: int, g: dict[str, Any]) -> list[Record]:
+    return [
+        Record(key=f"{AGGREGATOR_RUN}|{name}|{version}", run=agg, kind="metric", name=name, value=float(value),
+               step=version)
+        for name, value in (("Test:AUC", g["auc"]), ("Test:Loss", g["loss"])) if value is not None
+    ]
+
+
+def aggregator_run(spec: dict[str, Any], prefix: str, job_id: str) -> RunRef:
+    """The job's aggregator run (site runs are `RunRef(..., name=site_run(site))` in the same experiment)."""
+    exp = experiment_name(job_prefix(spec, prefix), job_id)
+    return RunRef(job_id=job_id, experiment=exp, name=AGGREGATOR_RUN)
+
+
+def round_records(
+    job_id: str, spec: dict[str, Any], prefix: str, rnd: int, sites: dict[str, dict[str, Any]],
+    evaluations: dict[str, dict[str, Any]], global_metrics: dict[str, Any] | None, withheld: set[str],
+) -> list[Record]:
+    """The records one closed round adds, in O(sites of that round): the job's parameters (queued once, by key),
+    model version `rnd - 1`'s global metrics (complete now), and for each site that shares tracking (and never
+    withheld it in this job: `withheld` is updated in place) its update of round `rnd` and its evaluation of
+    version `rnd - 1`. `sites` holds what `job_summary`'s `training` entry holds for the round."""
+    agg = aggregator_run(spec, prefix, job_id)
+    out = [Record(key=f"{AGGREGATOR_RUN}|params", run=agg, kind="params", params=job_params(spec))]
+    if global_metrics is not None:
+        out += global_records(agg, rnd - 1, global_metrics)
+    withheld.update(site for site, info in sites.items() if not info.get("share_tracking", False))
+    base = client_params(spec)
+    for site in sorted(set(sites) | set(evaluations)):
+        if site in withheld:
+            continue
+        run = agg.model_copy(update={"name": site_run(site)})
+        if site in sites:
+            out += site_round_records(run, base | {"center": site}, rnd, sites[site])
+        if site in evaluations:
+            out += site_eval_record(run, rnd - 1, evaluations[site].get("auc"))
+    return out
+
+
 def records_for(summary: dict[str, Any], prefix: str, report_dir: Path | None = None) -> list[Record]:
-    """Every record the summary implies so far (keys are stable, so repeating a call adds nothing new)."""
+    """Every record the whole summary implies (keys are stable, so repeating a call adds nothing new). Costs
+    O(rounds × sites): the hub calls it once when a job ends (and for each running job at start-up) to catch
+    anything a crash kept `round_records` from queueing; `fedsilo report` replays it into the local files."""
     job_id = summary["job_id"]
-    exp = experiment_name(job_prefix(summary["spec"], prefix), job_id)
-    agg = RunRef(job_id=job_id, experiment=exp, name=AGGREGATOR_RUN)
+    agg = aggregator_run(summary["spec"], prefix, job_id)
     out = [Record(key=f"{AGGREGATOR_RUN}|params", run=agg, kind="params", params=job_params(summary["spec"]))]
     for h in summary["history"]:
-        g = h["global"]
-        if not h["complete"] or g is None:  # the weighted mean moves until every site's evaluation is in
-            continue
-        for name, value in (("Test:AUC", g["auc"]), ("Test:Loss", g["loss"])):
-            if value is not None:
-                out.append(Record(key=f"{AGGREGATOR_RUN}|{name}|{h['round']}", run=agg, kind="metric", name=name,
-                                  value=float(value), step=h["round"]))
+        if h["complete"] and h["global"] is not None:  # the weighted mean moves until every site's evaluation is in
+            out += global_records(agg, h["round"], h["global"])
     ended = summary["state"] in ENDED
-    shared = sharing_sites(summary)
-    for site in shared:
-        run = RunRef(job_id=job_id, experiment=exp, name=site_run(site))
+    for site in sharing_sites(summary):
+        run = agg.model_copy(update={"name": site_run(site)})
         base = client_params(summary["spec"]) | {"center": site}
         for entry in summary["training"]:
-            info = entry["sites"].get(site)
-            if info is None:
-                continue
-            params = base | {"train_data_size": info["num_samples"]}
-            if info["epsilon"] is not None:
-                params["epsilon"] = float(info["epsilon"])
-            out.append(Record(key=f"{run.name}|params|{entry['round']}", run=run, kind="params", params=params))
-            out.append(Record(key=f"{run.name}|Training:Loss|{entry['round']}", run=run, kind="metric",
-                              name="Training:Loss", value=float(info["train_loss"]), step=entry["round"]))
+            if site in entry["sites"]:
+                out += site_round_records(run, base, entry["round"], entry["sites"][site])
         for h in summary["history"]:
             m = h["sites"].get(site)
-            if m is not None and m["auc"] is not None:
-                out.append(Record(key=f"{run.name}|Validation:AUC|{h['round']}", run=run, kind="metric",
-                                  name="Validation:AUC", value=float(m["auc"]), step=h["round"]))
+            if m is not None:
+                out += site_eval_record(run, h["round"], m["auc"])
         if ended:
             out.append(Record(key=f"{run.name}|end", run=run, kind="end", status=summary["state"]))
     if ended:

@@ -121,3 +121,6 @@ class SageMakerSink:
             run.__exit__(RuntimeError, err, None)
         except Exception:
             log.debug("sagemaker_run_release_failed", exc_info=True)
+
+    def flush(self) -> None:
+        """Nothing to do: leaving a run's context (`end_run`) already saved it and sent its metrics."""

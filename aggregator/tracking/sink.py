@@ -1,8 +1,9 @@
 """The tracking interface every sink implements, and the records the outbox carries to it.
 
 Sink methods are blocking and may raise: the hub calls them on a worker thread, one run at a time
-(`start_run`, then the run's records, then `end_run`), and retries the whole delivery when anything raises,
-so every method must be safe to repeat (parameters overwrite, a metric point is keyed by name and step).
+(`start_run`, then the run's records, then `end_run`), then `flush` once per batch of runs, and retries the whole
+batch when anything raises, so every method must be safe to repeat (parameters overwrite, a metric point is keyed
+by name and step).
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class TrackingSink(Protocol):
     def end_run(self, ok: bool, final_status: str | None = None) -> None:
         """Close what `start_run` opened. `ok` is False when the delivery failed part-way (the sink releases
         what it holds and the records are retried); `final_status` is set when the job itself ended."""
+        ...
+
+    def flush(self) -> None:
+        """Make everything logged since the last flush durable: the hub marks the batch delivered next."""
         ...
 
 

@@ -33,7 +33,7 @@ def app(tmp_path: Path) -> Iterator[web.Application]:
     )
     application = create_app(cfg)
     yield application
-    application[api.STORE].close()
+    application[api.DB].shutdown()
 
 
 def registered(app: web.Application) -> set[tuple[str, str]]:

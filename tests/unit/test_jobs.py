@@ -9,7 +9,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from aggregator.engine import initial_weights
+from aggregator.runner import initial_weights
 from federation.jobs import JobSpec
 from federation.messages import JobOffer, canonical_json
 

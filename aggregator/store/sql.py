@@ -1,167 +1,18 @@
-"""Durable job, round and update state behind one interface.
-
-`StateStore` is what the round engine talks to; `SQLiteStore` (WAL, synchronous=FULL) is the default and
-`PostgresStore` serves production; both share every query (`SqlStore`) and one test suite.
-Every mutating method is one transaction, so a crash leaves either the old or the new state, never a mix.
-Calls are synchronous; the service runs them on one dedicated thread (`aggregator.service.Db`), which
-also makes the store single-writer.
-"""
+"""Every query of the store, written once in portable SQL: SQLite (≥ 3.24) and PostgreSQL both speak
+`ON CONFLICT`. Subclasses supply the connection, transactions and the placeholder style."""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
-import time
-from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from abc import abstractmethod
 from typing import Any
 
+from aggregator.store.base import JobRow, RoundRow, SiteDecision, StateStore, UpdateRow
 from federation.jobs import JobSpec
 from federation.messages import EvalMetrics
 
-
-@dataclass(frozen=True)
-class JobRow:
-    job_id: str
-    spec: JobSpec
-    state: str  # offered | running | finished | failed | cancelled
-    round: int  # current round; rounds+1 is the final evaluation
-    model_sha: str  # current global model
-    reason: str
-    created_at: float
-    updated_at: float
-    requester: str
-    paused: bool = False
-
-
-@dataclass(frozen=True)
-class RoundRow:
-    job_id: str
-    round: int
-    kind: str  # train | evaluate
-    state: str  # open | closed
-    started_at: float
-    deadline: float
-    closed_at: float | None
-    model_in: str
-    model_out: str | None
-    n_sites: int
-    n_samples: int
-    train_loss: float | None
-
-
-@dataclass(frozen=True)
-class UpdateRow:
-    job_id: str
-    round: int
-    site: str
-    sha256: str
-    num_samples: int
-    train_loss: float
-    epsilon: float | None
-    received_at: float
-    share_tracking: bool = True
-
-
-@dataclass(frozen=True)
-class SiteDecision:
-    site: str
-    decision: str  # offered | accepted | refused | stopped
-    reasons: list[str]
-    epsilon_planned: float | None
-    at: float
-
-
-class StateStore(ABC):
-    """The aggregator's durable state. Implementations must pass `tests/unit/test_store.py`."""
-
-    @abstractmethod
-    def create_job(self, job_id: str, spec: JobSpec, model_sha: str, now: float, requester: str = "") -> None: ...
-
-    @abstractmethod
-    def get_job(self, job_id: str) -> JobRow | None: ...
-
-    @abstractmethod
-    def list_jobs(self, states: tuple[str, ...] | None = None) -> list[JobRow]: ...
-
-    @abstractmethod
-    def set_job_state(self, job_id: str, state: str, reason: str, now: float) -> None: ...
-
-    @abstractmethod
-    def set_paused(self, job_id: str, paused: bool, now: float) -> None: ...
-
-    @abstractmethod
-    def record_decision(self, job_id: str, d: SiteDecision) -> None: ...
-
-    @abstractmethod
-    def decisions(self, job_id: str) -> list[SiteDecision]: ...
-
-    @abstractmethod
-    def open_round(self, job_id: str, rnd: int, kind: str, model_in: str, now: float, deadline: float) -> None:
-        """Start round `rnd` (idempotent) and move the job to it; the job becomes `running`."""
-
-    @abstractmethod
-    def get_round(self, job_id: str, rnd: int) -> RoundRow | None: ...
-
-    @abstractmethod
-    def rounds(self, job_id: str) -> list[RoundRow]: ...
-
-    @abstractmethod
-    def add_update(self, u: UpdateRow, evaluation: EvalMetrics | None) -> bool:
-        """Insert an acknowledged update (and the evaluation it carried); False if (job, round, site) exists."""
-
-    @abstractmethod
-    def get_update(self, job_id: str, rnd: int, site: str) -> UpdateRow | None: ...
-
-    @abstractmethod
-    def updates(self, job_id: str, rnd: int) -> list[UpdateRow]: ...
-
-    @abstractmethod
-    def close_round(
-        self, job_id: str, rnd: int, model_out: str | None, n_sites: int, n_samples: int,
-        train_loss: float | None, now: float,
-    ) -> None:
-        """Close round `rnd` and record its output model as the job's global model, in one transaction."""
-
-    @abstractmethod
-    def add_evaluation(self, job_id: str, version: int, site: str, m: EvalMetrics) -> bool: ...
-
-    @abstractmethod
-    def evaluations(self, job_id: str) -> dict[int, dict[str, EvalMetrics]]: ...
-
-    @abstractmethod
-    def add_rejection(
-        self, job_id: str | None, rnd: int | None, site: str | None, reason: str, detail: str, now: float
-    ) -> None: ...
-
-    @abstractmethod
-    def rejections(self, job_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]: ...
-
-    @abstractmethod
-    def register_model(self, sha: str, job_id: str, version: int) -> None: ...
-
-    @abstractmethod
-    def is_model(self, sha: str) -> bool: ...
-
-    @abstractmethod
-    def upsert_site(self, site: str, state: str, at: float, info: dict[str, Any]) -> None: ...
-
-    @abstractmethod
-    def sites(self) -> list[dict[str, Any]]: ...
-
-    @abstractmethod
-    def site_decisions(self, site: str | None = None) -> list[dict[str, Any]]:
-        """Each site's decision on each job offered to it, newest first, with the job's state and the ε the
-        site reported with its latest update in that job (None before its first update)."""
-
-    @abstractmethod
-    def close(self) -> None: ...
-
-
-_SCHEMA = """
+SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
   job_id TEXT PRIMARY KEY, spec TEXT NOT NULL, state TEXT NOT NULL, round INTEGER NOT NULL,
   model_sha TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '', created_at DOUBLE PRECISION NOT NULL,
@@ -186,9 +37,12 @@ CREATE TABLE IF NOT EXISTS rejections (
   id {serial} PRIMARY KEY, job_id TEXT, round INTEGER, site TEXT, reason TEXT NOT NULL, detail TEXT NOT NULL,
   at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS models (sha TEXT PRIMARY KEY, job_id TEXT NOT NULL, version INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS updates_by_site ON updates (job_id, site, round);
+CREATE TABLE IF NOT EXISTS followups (job_id TEXT PRIMARY KEY, state TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS sites (
   site TEXT PRIMARY KEY, state TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, info TEXT NOT NULL);
 """
+ENDED = ("finished", "failed", "cancelled")
 _JOB_COLUMNS = "job_id, spec, state, round, model_sha, reason, created_at, updated_at, requester, paused"
 Row = dict[str, Any]
 
@@ -231,11 +85,26 @@ class SqlStore(StateStore):
         jobs = [_job(r) for r in self._query(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at, job_id")]
         return [j for j in jobs if states is None or j.state in states]
 
+    def count_jobs(self) -> dict[str, int]:
+        return {r["state"]: int(r["n"]) for r in self._query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
+
     def set_job_state(self, job_id: str, state: str, reason: str, now: float) -> None:
         with self._tx():
             self._execute(
                 "UPDATE jobs SET state=?, reason=?, updated_at=? WHERE job_id=?", (state, reason, now, job_id)
             )
+            if state in ENDED:
+                self._execute("INSERT INTO followups VALUES (?,?,?) ON CONFLICT DO NOTHING", (job_id, state, now))
+
+    def followups(self) -> list[tuple[str, str]]:
+        return [(r["job_id"], r["state"]) for r in self._query("SELECT job_id, state FROM followups ORDER BY at")]
+
+    def followup_done(self, job_id: str) -> None:
+        with self._tx():
+            self._execute("DELETE FROM followups WHERE job_id=?", (job_id,))
+
+    def followup_pending(self, job_id: str) -> bool:
+        return self._one("SELECT 1 AS x FROM followups WHERE job_id=?", (job_id,)) is not None
 
     def set_paused(self, job_id: str, paused: bool, now: float) -> None:
         with self._tx():
@@ -291,8 +160,11 @@ class SqlStore(StateStore):
         row = self._one("SELECT * FROM updates WHERE job_id=? AND round=? AND site=?", (job_id, rnd, site))
         return _update(row) if row else None
 
-    def updates(self, job_id: str, rnd: int) -> list[UpdateRow]:
-        rows = self._query("SELECT * FROM updates WHERE job_id=? AND round=? ORDER BY site", (job_id, rnd))
+    def updates(self, job_id: str, rnd: int | None = None) -> list[UpdateRow]:
+        if rnd is None:
+            rows = self._query("SELECT * FROM updates WHERE job_id=? ORDER BY round, site", (job_id,))
+        else:
+            rows = self._query("SELECT * FROM updates WHERE job_id=? AND round=? ORDER BY site", (job_id, rnd))
         return [_update(r) for r in rows]
 
     def close_round(
@@ -319,9 +191,10 @@ class SqlStore(StateStore):
             (job_id, version, site, m.n, m.loss, m.auc),
         ) > 0
 
-    def evaluations(self, job_id: str) -> dict[int, dict[str, EvalMetrics]]:
+    def evaluations(self, job_id: str, version: int | None = None) -> dict[int, dict[str, EvalMetrics]]:
         out: dict[int, dict[str, EvalMetrics]] = {}
-        for r in self._query("SELECT * FROM evaluations WHERE job_id=? ORDER BY version, site", (job_id,)):
+        where, params = ("job_id=?", (job_id,)) if version is None else ("job_id=? AND version=?", (job_id, version))
+        for r in self._query(f"SELECT * FROM evaluations WHERE {where} ORDER BY version, site", params):
             out.setdefault(r["version"], {})[r["site"]] = EvalMetrics(n=r["n"], loss=r["loss"], auc=r["auc"])
         return out
 
@@ -370,67 +243,6 @@ class SqlStore(StateStore):
         return [{**r, "reasons": json.loads(r["reasons"])} for r in rows]
 
 
-class SQLiteStore(SqlStore):
-    """The default: one file, WAL journal, fsync on every commit (`synchronous=FULL`)."""
-
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA.format(serial="INTEGER"))  # INTEGER PRIMARY KEY is SQLite's rowid
-
-    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
-        return self._db.execute(sql, params).rowcount
-
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]:
-        return [dict(r) for r in self._db.execute(sql, params).fetchall()]
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[None]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
-
-    def close(self) -> None:
-        self._db.close()
-
-
-class PostgresStore(SqlStore):
-    """For production (e.g. RDS): `postgresql://user:password@host:port/dbname`."""
-
-    def __init__(self, url: str) -> None:
-        import psycopg
-        from psycopg.rows import dict_row
-
-        self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
-        with self._db.transaction():
-            self._db.execute(_SCHEMA.format(serial="BIGSERIAL"))
-
-    @staticmethod
-    def _sql(sql: str) -> str:
-        return sql.replace("?", "%s")
-
-    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
-        return self._db.execute(self._sql(sql), params).rowcount
-
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]:
-        return list(self._db.execute(self._sql(sql), params).fetchall())
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[None]:
-        with self._db.transaction():
-            yield
-
-    def close(self) -> None:
-        self._db.close()
-
-
 def _update(row: Row) -> UpdateRow:
     return UpdateRow(**{**row, "share_tracking": bool(row["share_tracking"])})
 
@@ -442,23 +254,3 @@ def _job(row: Row) -> JobRow:
         created_at=row["created_at"], updated_at=row["updated_at"], requester=row["requester"],
         paused=bool(row["paused"]),
     )
-
-
-def sqlite_path(url: str) -> Path | None:
-    """The database file of a `sqlite:///relative.db` or `sqlite:////absolute.db` URL (as SQLAlchemy reads
-    them); None for any other URL."""
-    return Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
-
-
-def open_store(url: str) -> StateStore:
-    """Pick an implementation from a URL: `sqlite:///relative.db`, `sqlite:////absolute.db` or `postgresql://...`."""
-    path = sqlite_path(url)
-    if path is not None:
-        return SQLiteStore(path)
-    if url.startswith(("postgresql://", "postgres://")):
-        return PostgresStore(url)
-    raise ValueError(f"unsupported state store URL {url!r}; expected sqlite:///PATH or postgresql://...")
-
-
-def now() -> float:
-    return time.time()

@@ -1,0 +1,173 @@
+"""The aggregator's durable state as one interface: the rows it holds and the calls the round engine makes.
+
+Every mutating method is one transaction, so a crash leaves either the old or the new state, never a mix. Calls are
+synchronous: the engine runs writes on one dedicated thread (`aggregator.engine.Db`), which also makes the store
+single-writer, and API reads on a second connection of their own.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+from federation.jobs import JobSpec
+from federation.messages import EvalMetrics
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: str
+    spec: JobSpec
+    state: str  # offered | running | finished | failed | cancelled
+    round: int  # current round; rounds+1 is the final evaluation
+    model_sha: str  # current global model
+    reason: str
+    created_at: float
+    updated_at: float
+    requester: str
+    paused: bool = False
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    job_id: str
+    round: int
+    kind: str  # train | evaluate
+    state: str  # open | closed
+    started_at: float
+    deadline: float
+    closed_at: float | None
+    model_in: str
+    model_out: str | None
+    n_sites: int
+    n_samples: int
+    train_loss: float | None
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    job_id: str
+    round: int
+    site: str
+    sha256: str
+    num_samples: int
+    train_loss: float
+    epsilon: float | None
+    received_at: float
+    share_tracking: bool = True
+
+
+@dataclass(frozen=True)
+class SiteDecision:
+    site: str
+    decision: str  # offered | accepted | refused | stopped
+    reasons: list[str]
+    epsilon_planned: float | None
+    at: float
+
+
+class StateStore(ABC):
+    """The aggregator's durable state. Implementations must pass `tests/unit/test_store.py`."""
+
+    @abstractmethod
+    def create_job(self, job_id: str, spec: JobSpec, model_sha: str, now: float, requester: str = "") -> None: ...
+
+    @abstractmethod
+    def get_job(self, job_id: str) -> JobRow | None: ...
+
+    @abstractmethod
+    def list_jobs(self, states: tuple[str, ...] | None = None) -> list[JobRow]: ...
+
+    @abstractmethod
+    def count_jobs(self) -> dict[str, int]:
+        """How many jobs are in each state (states without a job are absent)."""
+
+    @abstractmethod
+    def set_job_state(self, job_id: str, state: str, reason: str, now: float) -> None:
+        """Move a job to `state`; an ended state (finished, failed, cancelled) also records a follow-up (report,
+        tracking) in the same transaction, kept until `followup_done`."""
+
+    @abstractmethod
+    def followups(self) -> list[tuple[str, str]]:
+        """(job, state) of every ended job whose follow-up is not done yet, oldest first."""
+
+    @abstractmethod
+    def followup_done(self, job_id: str) -> None: ...
+
+    @abstractmethod
+    def followup_pending(self, job_id: str) -> bool: ...
+
+    @abstractmethod
+    def set_paused(self, job_id: str, paused: bool, now: float) -> None: ...
+
+    @abstractmethod
+    def record_decision(self, job_id: str, d: SiteDecision) -> None: ...
+
+    @abstractmethod
+    def decisions(self, job_id: str) -> list[SiteDecision]: ...
+
+    @abstractmethod
+    def open_round(self, job_id: str, rnd: int, kind: str, model_in: str, now: float, deadline: float) -> None:
+        """Start round `rnd` (idempotent) and move the job to it; the job becomes `running`."""
+
+    @abstractmethod
+    def get_round(self, job_id: str, rnd: int) -> RoundRow | None: ...
+
+    @abstractmethod
+    def rounds(self, job_id: str) -> list[RoundRow]: ...
+
+    @abstractmethod
+    def add_update(self, u: UpdateRow, evaluation: EvalMetrics | None) -> bool:
+        """Insert an acknowledged update (and the evaluation it carried); False if (job, round, site) exists."""
+
+    @abstractmethod
+    def get_update(self, job_id: str, rnd: int, site: str) -> UpdateRow | None: ...
+
+    @abstractmethod
+    def updates(self, job_id: str, rnd: int | None = None) -> list[UpdateRow]:
+        """The updates of one round, or of every round (by round, then site) when `rnd` is None."""
+
+    @abstractmethod
+    def close_round(
+        self, job_id: str, rnd: int, model_out: str | None, n_sites: int, n_samples: int,
+        train_loss: float | None, now: float,
+    ) -> None:
+        """Close round `rnd` and record its output model as the job's global model, in one transaction."""
+
+    @abstractmethod
+    def add_evaluation(self, job_id: str, version: int, site: str, m: EvalMetrics) -> bool: ...
+
+    @abstractmethod
+    def evaluations(self, job_id: str, version: int | None = None) -> dict[int, dict[str, EvalMetrics]]:
+        """Per model version, each site's metrics; only `version`'s when it is given."""
+
+    @abstractmethod
+    def add_rejection(
+        self, job_id: str | None, rnd: int | None, site: str | None, reason: str, detail: str, now: float
+    ) -> None: ...
+
+    @abstractmethod
+    def rejections(self, job_id: str | None = None, limit: int = 1000) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def register_model(self, sha: str, job_id: str, version: int) -> None: ...
+
+    @abstractmethod
+    def is_model(self, sha: str) -> bool: ...
+
+    @abstractmethod
+    def upsert_site(self, site: str, state: str, at: float, info: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def sites(self) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def site_decisions(self, site: str | None = None) -> list[dict[str, Any]]:
+        """Each site's decision on each job offered to it, newest first, with the job's state and the ε the
+        site reported with its latest update in that job (None before its first update)."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+

@@ -1,0 +1,39 @@
+"""The production store: PostgreSQL (e.g. RDS), through psycopg 3."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from aggregator.store.sql import SCHEMA, Row, SqlStore
+
+
+class PostgresStore(SqlStore):
+    """For production (e.g. RDS): `postgresql://user:password@host:port/dbname`."""
+
+    def __init__(self, url: str) -> None:
+        import psycopg
+        from psycopg.rows import dict_row
+
+        self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
+        with self._db.transaction():
+            self._db.execute(SCHEMA.format(serial="BIGSERIAL"))
+
+    @staticmethod
+    def _sql(sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> int:
+        return self._db.execute(self._sql(sql), params).rowcount
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]:
+        return list(self._db.execute(self._sql(sql), params).fetchall())
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[None]:
+        with self._db.transaction():
+            yield
+
+    def close(self) -> None:
+        self._db.close()
