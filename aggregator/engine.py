@@ -65,6 +65,9 @@ class RoundEngine:
         self._sign = signer
         self._metrics = metrics
         self._runners: dict[str, JobRunner] = {}
+        # Uploads being validated and written at once (outside their job's lock): bounds the memory of decoded
+        # updates in flight.
+        self._ingest = asyncio.Semaphore(4)
         # Told, without waiting, that a round closed or a job ended once that is durable (reports, tracking).
         self._post = post or (lambda _event: None)
 
@@ -208,19 +211,27 @@ class RoundEngine:
 
     # ---------------------------------------------------------------- uploads
     async def receive_update(self, site: str, env: UpdateEnvelope, body: bytes) -> dict[str, Any]:
-        """Validate, store durably, then fold in; returns the acknowledgement. Raises `Rejection`."""
+        """Validate, store durably, then fold in; returns the acknowledgement. Raises `Rejection`.
+
+        Validation and the blob write (content-addressed, so idempotent) run outside the job's lock, several
+        uploads side by side; only the duplicate check, the commit and the fold hold it."""
         runner = await self._runner_for(site, env.job_id)
-        async with runner.lock:
-            # A retry (same bytes) is acknowledged again even after its round closed: the first ack may be lost.
+        if runner.round is not None and env.round < runner.round.round:
+            # A closed round: the retry of an acknowledged update is acknowledged again (the first acknowledgement
+            # may have been lost); anything else is late.
             existing = await self._db(self._store.get_update, env.job_id, env.round, site)
             if existing is not None:
-                if existing.sha256 == env.sha256:
-                    return {"status": "duplicate", "job_id": env.job_id, "round": env.round}
-                raise Rejection("duplicate_conflict", "a different update was already accepted for this round", 409)
-            self._current(runner, env.round, "train")
+                return self._duplicate(existing, env)
+        self._current(runner, env.round, "train")
+        async with self._ingest:
             update = await asyncio.to_thread(check_update, body, env.sha256, runner.global_weights, runner.spec)
-            await self._db(self._blobs.put, body)
-            failpoint("ingest_after_blob")
+            await self._db.io(self._blobs.put, body)
+        failpoint("ingest_after_blob")
+        async with runner.lock:
+            existing = await self._db(self._store.get_update, env.job_id, env.round, site)
+            if existing is not None:
+                return self._duplicate(existing, env)
+            self._current(runner, env.round, "train")
             row = UpdateRow(
                 env.job_id, env.round, site, env.sha256, env.num_samples, env.train_loss, env.epsilon, time.time(),
                 env.share_tracking,
@@ -235,6 +246,12 @@ class RoundEngine:
             log.info("update_accepted", round=env.round, num_samples=env.num_samples, epsilon=env.epsilon)
             await self._maybe_close(runner)
         return {"status": "accepted", "job_id": env.job_id, "round": env.round}
+
+    @staticmethod
+    def _duplicate(existing: UpdateRow, env: UpdateEnvelope) -> dict[str, Any]:
+        if existing.sha256 == env.sha256:
+            return {"status": "duplicate", "job_id": env.job_id, "round": env.round}
+        raise Rejection("duplicate_conflict", "a different update was already accepted for this round", 409)
 
     async def receive_evaluation(self, site: str, report: EvaluationReport) -> dict[str, Any]:
         runner = await self._runner_for(site, report.job_id)

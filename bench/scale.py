@@ -2,7 +2,9 @@
 aggregator process (mTLS on loopback, SQLite state, blobs on disk) and we measure what it sustains.
 
 Per configuration: updates/s and MB/s ingested in a steady round (the second; the first pays the TLS handshakes),
-the round's finalize time (last update acknowledged → next model committed), and the aggregator's peak RSS.
+the round's finalize time (last update acknowledged → next model committed), the aggregator's peak RSS, and how
+long the operator's cancel of the running job takes to answer. The clients learn that a round opened the way an
+agent does, from the signed task on a site's MQTT topic (verified with the job-signing key), never by polling.
 Then, for each model size, the minimum server work per update measured in-process on the same primitives the
 ingest path runs (sha256, safetensors decode, validation, durable blob write, FedAvg fold): the ratio of the
 observed time per update to that floor is the share left to Python, HTTP and TLS overhead.
@@ -20,6 +22,7 @@ import os
 import sqlite3
 import ssl
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +42,7 @@ from federation import topics
 from federation.jobs import JobSpec
 from federation.messages import ENVELOPE_HEADER, EvalMetrics, SiteEvent, UpdateEnvelope, canonical_json, update_path
 from federation.models import Weights, build_model, get_weights
+from federation.signing import load_public_key, verify
 from federation.tensors import encode, sha256_hex
 from fedsilo.local import LocalFederation
 
@@ -84,6 +88,8 @@ class Result:
     peak_rss_mb: float
     floor_ms: float  # minimum server work per update (in-process primitives)
     observed_ms: float  # wall time per update ingested
+    cpu_ms: float  # the aggregator's CPU time per update in round 2 (ingest and finalize)
+    cancel_s: float  # the operator's cancel of the running job, request to answer
 
 
 def accept_all(fed: LocalFederation, job_id: str, sites: list[str]) -> None:
@@ -107,23 +113,38 @@ def accept_all(fed: LocalFederation, job_id: str, sites: list[str]) -> None:
         list(pool.map(accept, sites))
 
 
-def round_open(fed: LocalFederation, job_id: str, rnd: int) -> bool:
-    db = sqlite3.connect(fed.workdir / "state" / "aggregator.db")
-    try:
-        row = db.execute("SELECT state FROM rounds WHERE job_id=? AND round=? AND kind='train'",
-                         (job_id, rnd)).fetchone()
-        return row is not None and row[0] == "open"
-    finally:
-        db.close()
+class TaskWatch:
+    """The round tasks one simulated site receives over MQTT (its own topic; the broker's ACL allows no other),
+    verified like an agent verifies them: `wait(rnd)` returns once round `rnd` or a later one was announced."""
 
+    def __init__(self, fed: LocalFederation, site: str, job_id: str) -> None:
+        self._key = load_public_key(fed.pki.signing_pub)
+        self._latest = 0
+        self._cond = threading.Condition()
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{site}", clean_session=True)
+        self._client.tls_set_context(fed.tls("site", site).client_context())
+        self._client.on_connect = lambda c, *_: c.subscribe(topics.tasks(site, job_id), qos=1)
+        self._client.on_message = self._on_message
+        self._client.connect("127.0.0.1", fed.broker.port)
+        self._client.loop_start()
 
-def wait_round(fed: LocalFederation, job_id: str, rnd: int, is_open: bool, within: float = 3600) -> None:
-    """Poll the aggregator's state until round `rnd` is open (or no longer open)."""
-    deadline = time.monotonic() + within
-    while round_open(fed, job_id, rnd) != is_open:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"round {rnd} did not become {'open' if is_open else 'closed'}")
-        time.sleep(0.01)
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        if not msg.payload:
+            return
+        task = verify(bytes(msg.payload), self._key)
+        with self._cond:
+            if task["kind"] in ("train", "evaluate"):
+                self._latest = max(self._latest, int(task["round"]))
+            self._cond.notify_all()
+
+    def wait(self, rnd: int, within: float = 3600) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._latest >= rnd, timeout=within):
+                raise TimeoutError(f"round {rnd} was not announced within {within:.0f} s")
+
+    def stop(self) -> None:
+        self._client.loop_stop()
+        self._client.disconnect()
 
 
 async def upload_round(fed: LocalFederation, job_id: str, rnd: int, sites: list[str], template: Weights,
@@ -154,6 +175,12 @@ def round_timing(fed: LocalFederation, job_id: str, rnd: int) -> tuple[float, fl
         return float(first), float(last), float(closed)
     finally:
         db.close()
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far: unlike wall time, barely moved by other load."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int, field: str = "VmRSS") -> float:
@@ -204,6 +231,8 @@ def run_one(n_sites: int, params: int, concurrency: int, keepalive: bool = True)
             pid = fed.aggregator.pid
             stages = {"started": rss_mb(pid)}
             job_id = fed.client.submit(yaml.safe_dump(job_for(sites, hidden)))
+            tasks = TaskWatch(fed, sites[0], job_id)
+            cpu: dict[int, float] = {}
             accept_all(fed, job_id, sites)
             stages["accepted"] = rss_mb(pid)
 
@@ -211,39 +240,47 @@ def run_one(n_sites: int, params: int, concurrency: int, keepalive: bool = True)
                 sessions = await client_sessions(fed, sites, keepalive)
                 try:
                     for rnd in (1, 2):
-                        await asyncio.to_thread(wait_round, fed, job_id, rnd, True)
+                        await asyncio.to_thread(tasks.wait, rnd)
+                        cpu[rnd] = cpu_s(pid)
                         await upload_round(fed, job_id, rnd, sites, template, sessions, concurrency)
                         stages[f"round {rnd}"] = rss_mb(pid)
-                    await asyncio.to_thread(wait_round, fed, job_id, 2, False)
+                    await asyncio.to_thread(tasks.wait, 3)  # round 2 closed: round 3 is open
+                    cpu[3] = cpu_s(pid)
                 finally:
                     for s in sessions.values():
                         await s.close()
 
-            asyncio.run(drive())
+            try:
+                asyncio.run(drive())
+            finally:
+                tasks.stop()
             first, last, closed = round_timing(fed, job_id, 2)
             rss = rss_mb(pid, "VmHWM")
             print("  aggregator RSS MB by stage: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))
-            fed.client.cancel(job_id)
+            t0 = time.perf_counter()
+            fed.client.cancel(job_id)  # the job is in round 3, every site taking part
+            cancel_s = time.perf_counter() - t0
         floor = floor_ms(spec, template, root)
     update_mb = n_params * 4 / 1e6
     span = max(last - first, 1e-9)
     rate = (n_sites - 1) / span
     return Result(sites=n_sites, params=n_params, update_mb=update_mb, updates_per_s=rate,
                   mb_per_s=rate * update_mb, finalize_s=closed - last, peak_rss_mb=rss, floor_ms=floor,
-                  observed_ms=1000 / rate)
+                  observed_ms=1000 / rate, cpu_ms=(cpu[3] - cpu[2]) * 1000 / n_sites, cancel_s=cancel_s)
 
 
 def print_table(results: list[Result]) -> None:
     print(f"\nfedsilo scale benchmark — one aggregator process, mTLS on loopback, SQLite + files, "
           f"{os.cpu_count()} CPUs (clients on the same machine)")
     head = (f"{'sites':>6} {'params':>11} {'update MB':>9} {'updates/s':>10} {'MB/s':>7} {'finalize s':>10} "
-            f"{'peak RSS MB':>11} {'floor ms/upd':>12} {'observed ms/upd':>15} {'overhead':>8}")
+            f"{'peak RSS MB':>11} {'floor ms/upd':>12} {'observed ms/upd':>15} {'overhead':>8} {'CPU ms/upd':>10} "
+            f"{'cancel s':>8}")
     print(head)
     print("-" * len(head))
     for r in results:
         print(f"{r.sites:>6} {r.params:>11,} {r.update_mb:>9.2f} {r.updates_per_s:>10.1f} {r.mb_per_s:>7.1f} "
               f"{r.finalize_s:>10.3f} {r.peak_rss_mb:>11.0f} {r.floor_ms:>12.2f} {r.observed_ms:>15.2f} "
-              f"{r.observed_ms / r.floor_ms:>7.1f}×")
+              f"{r.observed_ms / r.floor_ms:>7.1f}× {r.cpu_ms:>10.2f} {r.cancel_s:>8.3f}")
 
 
 def main(argv: list[str] | None = None) -> None:

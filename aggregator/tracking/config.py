@@ -11,7 +11,6 @@ from federation.schema import Frozen
 
 # SageMaker names experiments `^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,119}`; a job id is appended to the prefix.
 ExperimentPrefix = Annotated[str, Field(pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,38}$")]
-DEFAULT_EXPERIMENT_PREFIX = "fed-heart-disease"  # the reference deployment's `sm_experiment_name`
 
 
 class LocalSinkConfig(Frozen):
@@ -24,8 +23,10 @@ class SageMakerSinkConfig(Frozen):
     """Amazon SageMaker Experiments. Credentials come from the standard AWS chain (IRSA on EKS, env, profile)."""
 
     enabled: bool = True
-    # One experiment per job: `<prefix>-<job id>`; runs `aggregator` and `client-<site>` inside it.
-    experiment_prefix: ExperimentPrefix = DEFAULT_EXPERIMENT_PREFIX
+    # One experiment per job: `<prefix>-<job id>`, or the job id alone (which starts with the job's name) when no
+    # prefix is set; runs `aggregator` and `client-<site>` inside it. A prefix lets an IAM policy scope the
+    # aggregator's role to `experiment/<prefix>-*`.
+    experiment_prefix: ExperimentPrefix | None = None
     region: str | None = None
     # A role to assume before calling SageMaker (None: use the chain's identity as it is, e.g. the IRSA role).
     role_arn: str | None = None
@@ -60,6 +61,6 @@ class TrackingConfig(Frozen):
     close_timeout_s: float = Field(default=5.0, ge=0, le=600)
 
     @property
-    def experiment_prefix(self) -> str:
+    def experiment_prefix(self) -> str | None:
         """What every sink names a job's experiment after (a job's `tags.experiment` wins; see `records`)."""
-        return self.sagemaker.experiment_prefix if self.sagemaker is not None else DEFAULT_EXPERIMENT_PREFIX
+        return self.sagemaker.experiment_prefix if self.sagemaker is not None else None

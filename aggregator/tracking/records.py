@@ -19,13 +19,15 @@ ENDED = ("finished", "failed", "cancelled")
 AGGREGATOR_RUN = "aggregator"
 
 
-def experiment_name(prefix: str, job_id: str) -> str:
-    """Unique per job (job ids are unique). SageMaker lower-cases experiment names and allows only letters, digits
-    and hyphens (`[a-zA-Z0-9](-*[a-zA-Z0-9]){0,119}`), so map anything else to a hyphen here."""
-    return re.sub(r"[^a-z0-9-]+", "-", f"{prefix}-{job_id}".lower()).strip("-")[:120].rstrip("-")
+def experiment_name(prefix: str | None, job_id: str) -> str:
+    """Unique per job (job ids are unique, and start with the job's name). SageMaker lower-cases experiment names
+    and allows only letters, digits and hyphens (`[a-zA-Z0-9](-*[a-zA-Z0-9]){0,119}`), so map anything else to a
+    hyphen here."""
+    name = f"{prefix}-{job_id}" if prefix else job_id
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-")[:120].rstrip("-")
 
 
-def job_prefix(spec: dict[str, Any], default: str) -> str:
+def job_prefix(spec: dict[str, Any], default: str | None) -> str | None:
     """A job's own `tags.experiment` (set by `fedsilo job import-fedml` from `sm_experiment_name`) wins over the
     aggregator's configured prefix, so a migrated job keeps logging under the experiment name its team knows."""
     tag = (spec.get("tags") or {}).get("experiment")
@@ -105,14 +107,14 @@ def global_records(agg: RunRef, version: int, g: dict[str, Any]) -> list[Record]
     ]
 
 
-def aggregator_run(spec: dict[str, Any], prefix: str, job_id: str) -> RunRef:
+def aggregator_run(spec: dict[str, Any], prefix: str | None, job_id: str) -> RunRef:
     """The job's aggregator run (site runs are `RunRef(..., name=site_run(site))` in the same experiment)."""
     exp = experiment_name(job_prefix(spec, prefix), job_id)
     return RunRef(job_id=job_id, experiment=exp, name=AGGREGATOR_RUN)
 
 
 def round_records(
-    job_id: str, spec: dict[str, Any], prefix: str, rnd: int, sites: dict[str, dict[str, Any]],
+    job_id: str, spec: dict[str, Any], prefix: str | None, rnd: int, sites: dict[str, dict[str, Any]],
     evaluations: dict[str, dict[str, Any]], global_metrics: dict[str, Any] | None, withheld: set[str],
 ) -> list[Record]:
     """The records one closed round adds, in O(sites of that round): the job's parameters (queued once, by key),
@@ -136,7 +138,7 @@ def round_records(
     return out
 
 
-def records_for(summary: dict[str, Any], prefix: str, report_dir: Path | None = None) -> list[Record]:
+def records_for(summary: dict[str, Any], prefix: str | None, report_dir: Path | None = None) -> list[Record]:
     """Every record the whole summary implies (keys are stable, so repeating a call adds nothing new). Costs
     O(rounds × sites): the hub calls it once when a job ends (and for each running job at start-up) to catch
     anything a crash kept `round_records` from queueing; `fedsilo report` replays it into the local files."""

@@ -8,7 +8,7 @@ from typing import Any
 
 from aggregator.tracking import TrackingConfig, default_outbox
 from aggregator.tracking.outbox import Outbox
-from aggregator.tracking.records import records_for
+from aggregator.tracking.records import records_for, round_records
 from federation.jobs import JobSpec
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart-disease.yaml"
@@ -50,6 +50,10 @@ def test_a_jobs_experiment_tag_names_its_experiment() -> None:
     s["spec"]["tags"] = {"experiment": "Cardio FL_2026"}
     assert {r.run.experiment for r in records_for(s, "fed-heart-disease")} == {
         "cardio-fl-2026-heart-disease-logreg-0a1b2c3d"}
+
+
+def test_without_a_prefix_the_experiment_is_named_after_the_job() -> None:
+    assert {r.run.experiment for r in records_for(summary(), None)} == {"heart-disease-logreg-0a1b2c3d"}
 
 
 def test_metrics_follow_the_issue_names_and_only_complete_global_rounds() -> None:
@@ -97,3 +101,25 @@ def test_the_outbox_sits_beside_the_sqlite_state_whatever_form_its_url_takes() -
     assert default_outbox(cfg, "sqlite:////var/fedsilo/state.db", reports) == Path("/var/fedsilo/tracking-outbox.db")
     assert default_outbox(cfg, "postgresql://db/fedsilo", reports) == reports / ".tracking-outbox.db"
     assert default_outbox(TrackingConfig(outbox=Path("/x/o.db")), "sqlite:///s.db", reports) == Path("/x/o.db")
+
+
+def test_a_closed_round_adds_only_its_own_records_and_a_withheld_site_stays_out() -> None:
+    spec = summary()["spec"]
+    withheld: set[str] = set()
+    g = {"n": 200, "auc": 0.7, "loss": 0.5}
+
+    def site(share: bool) -> dict[str, Any]:
+        return {"train_loss": 0.5, "num_samples": 200, "epsilon": 3.0, "share_tracking": share}
+
+    evals = {s: {"n": 100, "auc": 0.7, "loss": 0.5} for s in ("cleveland", "hungary")}
+    recs = round_records("job-1", spec, None, 2, {"cleveland": site(True), "hungary": site(False)}, evals, g, withheld)
+    assert {r.key for r in recs} == {
+        "aggregator|params", "aggregator|Test:AUC|1", "aggregator|Test:Loss|1",
+        "client-cleveland|params|2", "client-cleveland|Training:Loss|2", "client-cleveland|Validation:AUC|1",
+    }
+    assert withheld == {"hungary"}
+    # Hungary shares again in round 3, but a site that once withheld gets no more records in this job.
+    later = round_records("job-1", spec, None, 3, {"cleveland": site(True), "hungary": site(True)}, evals, g, withheld)
+    assert not [r for r in later if r.run.name == "client-hungary"]
+    assert {r.key for r in later if r.run.name == "client-cleveland"} == {
+        "client-cleveland|params|3", "client-cleveland|Training:Loss|3", "client-cleveland|Validation:AUC|2"}
