@@ -6,8 +6,10 @@ Every refused upload is answered with a reason code and a sentence, counted, log
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +24,7 @@ from aggregator.auth import Identity, OperatorToken, Role, certificate_identity,
 from aggregator.blobs import BlobStore
 from aggregator.db import Db
 from aggregator.engine import RoundEngine
+from aggregator.ingress import RateLimitedLog
 from aggregator.metrics import AggregatorMetrics
 from aggregator.store import JobRow, StateStore
 from aggregator.summary import job_summary
@@ -39,6 +42,7 @@ BLOBS: web.AppKey[BlobStore] = web.AppKey("blobs", BlobStore)
 METRICS: web.AppKey[AggregatorMetrics] = web.AppKey("metrics", AggregatorMetrics)
 MAX_UPLOAD: web.AppKey[int] = web.AppKey("max_upload", int)
 TOKENS: web.AppKey[tuple[OperatorToken, ...]] = web.AppKey("tokens", tuple)
+BODY_TIMEOUT: web.AppKey[float] = web.AppKey("body_timeout", float)
 # After an upload larger than this the connection is closed. An idle kept-alive TLS connection keeps buffers in
 # proportion to the last large body it carried (bench/scale.py: ≈1.7 MB per idle connection after 4 MB uploads,
 # so memory grew with the number of sites); a handshake per round costs little next to such a body, while small
@@ -48,8 +52,19 @@ OPERATOR = "fedsilo.operator"
 routes = web.RouteTableDef()
 
 
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """Strict JSON: NaN and Infinity are not JSON, and a client (the console's JSON.parse) must never be handed
+    them; the boundary checks keep them out of the store, and should one slip through it is a server error here,
+    never an unparseable answer."""
+    return web.json_response(data, status=status, dumps=_strict_dumps)
+
+
+def _strict_dumps(obj: Any) -> str:
+    return json.dumps(obj, allow_nan=False)
+
+
 def error(status: int, code: str, detail: str, **extra: Any) -> web.Response:
-    return web.json_response({"error": code, "detail": detail, **extra}, status=status)
+    return json_response({"error": code, "detail": detail, **extra}, status=status)
 
 
 def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
@@ -92,14 +107,53 @@ def operator(role: Role) -> Callable[[Handler], Handler]:
     return decorate
 
 
+class RejectionLog:
+    """Every refused request is counted in /metrics and logged (a line per site and reason at most every 30 s, its
+    detail truncated). It becomes a stored row, shown on the job's page and in its report, only for a site invited
+    to a running job, and at most `rows_per_round` times per job, round and site: an unauthenticated caller, or
+    one naming a job it is not in, must not write a row per request."""
+
+    def __init__(self, rows_per_round: int = 20, detail_chars: int = 500, max_keys: int = 100_000) -> None:
+        self._rows_per_round, self.detail_chars, self._max_keys = rows_per_round, detail_chars, max_keys
+        self._rows: OrderedDict[tuple[str, int | None, str], int] = OrderedDict()
+        self.log = RateLimitedLog()
+
+    def should_store(self, job_id: str, rnd: int | None, site: str) -> bool:
+        key = (job_id, rnd, site)
+        n = self._rows.get(key, 0)
+        self._rows[key] = n + 1
+        self._rows.move_to_end(key)
+        if len(self._rows) > self._max_keys:
+            self._rows.popitem(last=False)
+        return n < self._rows_per_round
+
+
+REJECTIONS: web.AppKey[RejectionLog] = web.AppKey("rejections", RejectionLog)
+
+
 async def reject(
     request: web.Request, r: Rejection, site: str | None, job_id: str | None, rnd: int | None
 ) -> web.Response:
-    app = request.app
+    app, rejections = request.app, request.app[REJECTIONS]
+    detail = r.detail[: rejections.detail_chars]
     app[METRICS].updates_rejected.labels(site or "unknown", r.reason).inc()
-    await app[DB](app[DB].store.add_rejection, job_id, rnd, site, r.reason, r.detail, time.time())
-    log.warning("upload_rejected", job=job_id, round=rnd, site=site, reason=r.reason, detail=r.detail)
-    return error(r.status, r.reason, r.detail)
+    rejections.log.warning("upload_rejected", (site or "unknown", r.reason), site=site, reason=r.reason,
+                           detail=detail, job=job_id, round=rnd)
+    if site is not None and job_id is not None and app[ENGINE].invited(job_id, site) \
+            and rejections.should_store(job_id, rnd, site):
+        await app[DB](app[DB].store.add_rejection, job_id, rnd, site, r.reason, detail, time.time())
+    return error(r.status, r.reason, detail)
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, within the configured time: a client trickling bytes is cut off (408)."""
+    try:
+        async with asyncio.timeout(request.app[BODY_TIMEOUT]):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(text=_strict_dumps({"error": "body_timeout", "detail": "the body took longer "
+                                     f"than {request.app[BODY_TIMEOUT]:g} s to arrive"}),
+                                     content_type="application/json") from None
 
 
 # ---------------------------------------------------------------- operators
@@ -107,7 +161,7 @@ async def reject(
 @operator("admin")
 async def submit_job(request: web.Request) -> web.Response:
     try:
-        text = (await request.read()).decode("utf-8")
+        text = (await read_body(request)).decode("utf-8")
     except UnicodeDecodeError as exc:
         return error(400, "unparseable_job", f"the body is not UTF-8 text: {exc}")
     try:
@@ -124,7 +178,7 @@ async def submit_job(request: web.Request) -> web.Response:
         errors = validation_errors(exc)
         return error(400, "invalid_job", one_line(errors), errors=errors)
     job_id = await request.app[ENGINE].submit(spec, requester=request[OPERATOR].name)
-    return web.json_response({"job_id": job_id, "state": "offered"}, status=201)
+    return json_response({"job_id": job_id, "state": "offered"}, status=201)
 
 
 @routes.get("/api/v1/jobs")
@@ -133,7 +187,7 @@ async def list_jobs(request: web.Request) -> web.Response:
     app = request.app
     jobs = await app[DB].read(lambda s: s.list_jobs(None))
     deadlines = await app[DB].read(_open_deadlines, [j for j in jobs if j.state == "running"])
-    return web.json_response([
+    return json_response([
         {"job_id": j.job_id, "name": j.spec.name, "state": j.state, "round": min(j.round, j.spec.rounds),
          "rounds": j.spec.rounds, "reason": j.reason, "created_at": j.created_at,
          "updated_at": j.updated_at, "paused": j.paused, "min_sites": j.spec.min_sites, "quorum": j.spec.quorum,
@@ -164,7 +218,7 @@ async def get_job(request: web.Request) -> web.Response:
     summary = await request.app[DB].read(job_summary, request.match_info["job_id"], per_site)
     if summary is None:
         return error(404, "unknown_job", f"no job {request.match_info['job_id']!r}")
-    return web.json_response(summary)
+    return json_response(summary)
 
 
 async def _job_action(request: web.Request, action: Callable[[str], Awaitable[None]],
@@ -175,7 +229,7 @@ async def _job_action(request: web.Request, action: Callable[[str], Awaitable[No
         await action(job_id)
     except KeyError:
         return error(409, "job_not_running", "no running job with that id")
-    return web.json_response({"job_id": job_id, **result})
+    return json_response({"job_id": job_id, **result})
 
 
 @routes.post("/api/v1/jobs/{job_id}/cancel")
@@ -211,20 +265,20 @@ async def final_model(request: web.Request) -> web.Response:
 @routes.get("/api/v1/sites")
 @operator("viewer")
 async def sites(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[DB].read(lambda s: s.sites()))
+    return json_response(await request.app[DB].read(lambda s: s.sites()))
 
 
 @routes.get("/api/v1/rejections")
 @operator("viewer")
 async def rejections(request: web.Request) -> web.Response:
-    return web.json_response(await request.app[DB].read(lambda s: s.rejections(request.query.get("job_id"), 1000)))
+    return json_response(await request.app[DB].read(lambda s: s.rejections(request.query.get("job_id"), 1000)))
 
 
 @routes.get("/api/v1/decisions")
 @operator("viewer")
 async def decisions(request: web.Request) -> web.Response:
     """Every site's answer to every job offered to it (reasons, ε spent in that job): the console's site view."""
-    return web.json_response(await request.app[DB].read(lambda s: s.site_decisions(request.query.get("site"))))
+    return json_response(await request.app[DB].read(lambda s: s.site_decisions(request.query.get("site"))))
 
 
 @routes.get("/api/v1/me")
@@ -232,7 +286,7 @@ async def decisions(request: web.Request) -> web.Response:
 async def whoami(request: web.Request) -> web.Response:
     """Who the caller is authenticated as, so a client can offer only what its role allows."""
     who: Identity = request[OPERATOR]
-    return web.json_response({"name": who.name, "role": who.role})
+    return json_response({"name": who.name, "role": who.role})
 
 
 # ---------------------------------------------------------------- agents
@@ -289,13 +343,13 @@ async def upload_update(request: web.Request, site: str, job_id: str, rnd: int) 
     if (env.job_id, env.round) != (job_id, rnd):
         r = Rejection("envelope_mismatch", "the envelope's job/round differ from the URL's")
         return await reject(request, r, site, job_id, rnd)
-    body = await request.read()
+    body = await read_body(request)
     app[METRICS].bytes_received.inc(len(body))
     try:
         ack = await app[ENGINE].receive_update(site, env, body)
     except Rejection as r:
         return await reject(request, r, site, job_id, rnd)
-    response = web.json_response(ack)
+    response = json_response(ack)
     if len(body) > CLOSE_AFTER_BYTES:
         response.force_close()
     return response
@@ -305,14 +359,14 @@ async def upload_update(request: web.Request, site: str, job_id: str, rnd: int) 
 @site_call
 async def upload_evaluation(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
     try:
-        report = EvaluationReport.model_validate_json(await request.read())
+        report = EvaluationReport.model_validate_json(await read_body(request))
     except ValidationError as exc:
         return await reject(request, malformed("malformed_evaluation", exc), site, job_id, rnd)
     if report.site != site or (report.job_id, report.round) != (job_id, rnd):
         r = Rejection("identity_mismatch", "the report's site/job/round differ from the caller's", 403)
         return await reject(request, r, site, job_id, rnd)
     try:
-        return web.json_response(await request.app[ENGINE].receive_evaluation(site, report))
+        return json_response(await request.app[ENGINE].receive_evaluation(site, report))
     except Rejection as r:
         return await reject(request, r, site, job_id, rnd)
 
@@ -320,7 +374,7 @@ async def upload_evaluation(request: web.Request, site: str, job_id: str, rnd: i
 # ---------------------------------------------------------------- operations
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 @routes.get("/metrics")
@@ -331,7 +385,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 @routes.get("/openapi.json")
 async def openapi_document(request: web.Request) -> web.Response:
-    return web.json_response(openapi.document())
+    return json_response(openapi.document())
 
 
 MAX_ROUND = 1_000_000  # far beyond any job (JobSpec.rounds ≤ 10,000), well inside every store's integer column

@@ -31,8 +31,18 @@ class AggregatorConfig(Frozen):
     # OpenSSL's): with thousands of sites, shorten it (or terminate TLS at the ingress) to trade memory for
     # handshakes; `bench/scale.py` measures both.
     http_keepalive_s: float = Field(default=75.0, ge=0, le=3600)
+    # A connection that has not sent a whole request's headers within `http_keepalive_s` is closed (aiohttp arms
+    # that timer when the connection opens); a request body must arrive within this many seconds (408 otherwise):
+    # a client trickling bytes cannot hold a connection and its buffers for long.
+    http_body_timeout_s: float = Field(default=60.0, gt=0, le=3600)
     # A site whose heartbeats stop for this long is shown offline (agents send one every few seconds).
     site_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    # What one site may send over MQTT (status heartbeats, job answers): the largest message, and a token bucket of
+    # `mqtt_site_burst` messages refilled at `mqtt_site_rate_per_s`. Beyond, messages are dropped and counted
+    # (`fedsilo_site_messages_rejected`). An agent sends a heartbeat every few seconds and one answer per job.
+    mqtt_max_message_bytes: int = Field(default=16_384, ge=1024, le=1 << 20)
+    mqtt_site_rate_per_s: float = Field(default=2.0, gt=0, le=1000)
+    mqtt_site_burst: int = Field(default=20, ge=1, le=10_000)
     tracking: TrackingConfig = TrackingConfig()
     # Operator bearer tokens (sha256 only) for the console and scripts; operator certificates also work.
     operators: tuple[OperatorToken, ...] = ()

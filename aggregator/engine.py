@@ -139,6 +139,11 @@ class RoundEngine:
         self._arm(runner, max(rnd.deadline - time.time(), 0.0), self._round_deadline)
         await self._maybe_close(runner)
 
+    def invited(self, job_id: str, site: str) -> bool:
+        """Whether `site` was offered the active job `job_id` (what it sends about it is worth a stored row)."""
+        runner = self._runners.get(job_id)
+        return runner is not None and site in runner.decisions
+
     def _running(self, job_id: str) -> JobRunner:
         """The runner of an active job; KeyError (which the API answers with 409) when there is none."""
         runner = self._runners.get(job_id)

@@ -21,6 +21,10 @@ class AggregatorMetrics:
         self.updates_rejected = Counter(
             "fedsilo_updates_rejected", "Uploads refused, by reason.", ["site", "reason"], registry=r
         )
+        self.site_messages_rejected = Counter(
+            "fedsilo_site_messages_rejected", "MQTT messages from sites dropped before they were handled, by reason "
+            "(too_large, rate_limited, overloaded, malformed, site_mismatch).", ["site", "reason"], registry=r,
+        )
         self.sites_online = Gauge("fedsilo_sites_online", "Sites whose agent is connected.", registry=r)
         self.site_up = Gauge(
             "fedsilo_site_up", "1 while a site's agent is online (heartbeats arriving), else 0.", ["site"], registry=r

@@ -6,7 +6,6 @@ import asyncio
 
 import structlog
 from aiohttp import web
-from pydantic import ValidationError
 
 from aggregator import api
 from aggregator.blobs import open_blobs
@@ -14,13 +13,13 @@ from aggregator.config import AggregatorConfig
 from aggregator.console import add_console
 from aggregator.db import Db
 from aggregator.engine import RoundEngine
+from aggregator.ingress import IngressLimiter, SiteInbox
 from aggregator.jobevents import JobEventWorker
 from aggregator.metrics import AggregatorMetrics
 from aggregator.sites import SiteRegistry
 from aggregator.store import open_store
 from aggregator.tracking import TrackingHub
 from federation import topics
-from federation.messages import SiteEvent, SiteStatus
 from federation.mqtt import MqttLink
 from federation.signing import load_private_key, sign
 
@@ -35,42 +34,23 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     db = Db(open_store(cfg.state_url), reader=open_store(cfg.state_url))
     blobs = open_blobs(cfg.blob_url)
     metrics = AggregatorMetrics()
-    pending: set[asyncio.Task[None]] = set()
+    sites = SiteRegistry(db, metrics)
     background: list[asyncio.Task[None]] = []  # long-running loops, cancelled at shutdown
 
-    def on_message(topic: str, payload: bytes) -> None:
-        site = topics.site_of(topic)
-        try:
-            if topic.endswith("/status"):
-                if not payload:
-                    return
-                msg: SiteStatus | SiteEvent = SiteStatus.model_validate_json(payload)
-            else:
-                msg = SiteEvent.model_validate_json(payload)
-        except ValidationError as exc:
-            log.warning("mqtt_message_rejected", topic=topic, reason="malformed", detail=str(exc)[:300])
-            metrics.updates_rejected.labels(site or "unknown", "malformed_message").inc()
-            return
-        if msg.site != site:  # the broker's ACL ties a topic to one site; the payload must agree
-            log.warning("mqtt_message_rejected", topic=topic, reason="site_mismatch", claimed=msg.site)
-            metrics.updates_rejected.labels(site or "unknown", "site_mismatch").inc()
-            return
-        coro = sites.on_status(msg) if isinstance(msg, SiteStatus) else engine.on_site_event(msg)
-        task = asyncio.ensure_future(coro)
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-
     broker = cfg.broker if cfg.broker.tls is not None else cfg.broker.model_copy(update={"tls": cfg.tls})
-    link = MqttLink("fedsilo-aggregator", broker, on_message, subscriptions=[topics.status(), topics.events()])
+    inbox = SiteInbox(IngressLimiter(cfg.mqtt_max_message_bytes, cfg.mqtt_site_rate_per_s, cfg.mqtt_site_burst),
+                      sites, lambda event: engine.on_site_event(event), metrics)
+    link = MqttLink("fedsilo-aggregator", broker, inbox, subscriptions=[topics.status(), topics.events()])
 
     tracking = TrackingHub(cfg.tracking, metrics.registry, cfg.report_dir, cfg.state_url)
     # Reports and tracking follow rounds and jobs on a worker of their own, with a store connection of its own.
     events = JobEventWorker(db, lambda: open_store(cfg.state_url), blobs, cfg.report_dir, tracking, metrics)
     engine = RoundEngine(db, blobs, link, lambda m: sign(m, key), metrics, post=events.post)
-    sites = SiteRegistry(db, metrics)
     app = web.Application(client_max_size=cfg.max_upload_bytes)
     app[api.ENGINE], app[api.DB], app[api.BLOBS], app[api.METRICS] = engine, db, blobs, metrics
     app[api.MAX_UPLOAD] = cfg.max_upload_bytes
+    app[api.BODY_TIMEOUT] = cfg.http_body_timeout_s
+    app[api.REJECTIONS] = api.RejectionLog()
     app[api.TOKENS] = cfg.operators
     app.add_routes(api.routes)
     add_console(app)  # static files only; the page reads everything through the API above
@@ -81,13 +61,14 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
         await events.start()  # first re-posts the follow-ups of jobs that ended before the last stop
         await engine.recover()
         await tracking.start()  # drains records a previous run left in the outbox
-        background.append(asyncio.create_task(sites.run_sweeper(cfg.site_timeout_s)))
+        background.append(asyncio.create_task(sites.run(cfg.site_timeout_s)))
         log.info("aggregator_started", host=cfg.host, port=cfg.port, tls=cfg.tls is not None)
 
     async def cleanup(_: web.Application) -> None:
         for task in background:
             task.cancel()
         await engine.shutdown()
+        await sites.flush()
         await events.close(cfg.tracking.close_timeout_s)
         await tracking.close()
         await link.stop()

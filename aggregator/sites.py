@@ -1,12 +1,16 @@
 """Which sites are online: heartbeats and last wills from MQTT, a sweeper for agents that went silent, the gauges.
 
-Separate from the round engine: a heartbeat touches no job, and thousands of sites send one every few seconds.
+Separate from the round engine: a heartbeat touches no job, and thousands of sites send one every few seconds. So a
+heartbeat only updates memory; what changed is written to the store in one transaction every `flush_s` (a site
+sending ten thousand heartbeats costs one row write per flush, not ten thousand fsyncs), and the API, which reads
+the store, lags by at most that. A heartbeat's time is the aggregator's receive time, never the site's clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import structlog
 
@@ -18,53 +22,72 @@ log = structlog.get_logger(__name__)
 
 
 class SiteRegistry:
-    def __init__(self, db: Db, metrics: AggregatorMetrics) -> None:
+    def __init__(self, db: Db, metrics: AggregatorMetrics, flush_s: float = 2.0) -> None:
         self._db = db
         self._metrics = metrics
-        # Each site's last known state, for the sites-online gauge: a heartbeat then costs one row write, not a
-        # scan of every site. Loaded from the store at `load`.
-        self._states: dict[str, str] = {}
+        self._flush_s = flush_s
+        # Each site's last known (state, at, info): loaded at `load`, kept current by `on_status` and the sweeper.
+        self._sites: dict[str, tuple[str, float, dict[str, Any]]] = {}
+        self._dirty: set[str] = set()
+        self._online = 0
 
     async def load(self) -> None:
         for row in await self._db(self._db.store.sites):
-            self._seen(row["site"], row["state"], row["at"])
+            info = {k: v for k, v in row.items() if k not in ("site", "state", "at")}
+            self._set(row["site"], row["state"], row["at"], info, dirty=False)
 
-    async def on_status(self, status: SiteStatus) -> None:
+    def on_status(self, status: SiteStatus, received_at: float | None = None) -> None:
         """A heartbeat, or the last will the broker publishes when an agent's connection drops."""
         reason = None if status.state == "online" else "connection lost (last will)"
-        await self._db(
-            self._db.store.upsert_site, status.site, status.state, status.at,
-            {"active_jobs": status.active_jobs, "version": status.version, "offline_reason": reason},
-        )
-        self._seen(status.site, status.state, status.at)
+        at = time.time() if received_at is None else received_at
+        self._set(status.site, status.state, at,
+                  {"active_jobs": status.active_jobs, "version": status.version, "offline_reason": reason})
 
-    async def sweep(self, timeout_s: float, now: float | None = None) -> list[str]:
+    def sweep(self, timeout_s: float, now: float | None = None) -> list[str]:
         """Mark online sites whose last heartbeat is older than `timeout_s` offline (a hung agent or a network
         partition sends no last will); returns the sites marked."""
         now = time.time() if now is None else now
         marked = []
-        for row in await self._db(self._db.store.sites):
-            if row["state"] == "online" and now - row["at"] > timeout_s:
-                info = {k: v for k, v in row.items() if k not in ("site", "state", "at")}
-                info["offline_reason"] = f"no heartbeat for {now - row['at']:.0f} s (timeout {timeout_s:g} s)"
-                await self._db(self._db.store.upsert_site, row["site"], "offline", row["at"], info)
-                self._seen(row["site"], "offline", row["at"])
-                log.warning("site_offline", site=row["site"], reason=info["offline_reason"])
-                marked.append(row["site"])
+        for site, (state, at, info) in list(self._sites.items()):
+            if state == "online" and now - at > timeout_s:
+                reason = f"no heartbeat for {now - at:.0f} s (timeout {timeout_s:g} s)"
+                self._set(site, "offline", at, {**info, "offline_reason": reason})
+                log.warning("site_offline", site=site, reason=reason)
+                marked.append(site)
         return marked
 
-    async def run_sweeper(self, timeout_s: float) -> None:
-        while True:
-            await asyncio.sleep(max(timeout_s / 4, 0.25))
-            try:
-                await self.sweep(timeout_s)
-            except Exception:  # a store hiccup must not end the sweeper
-                log.exception("site_sweep_failed")
+    async def flush(self) -> int:
+        """Write every site that changed since the last flush; returns how many."""
+        if not self._dirty:
+            return 0
+        rows = [(s, *self._sites[s]) for s in sorted(self._dirty)]
+        self._dirty.clear()
+        try:
+            await self._db(self._db.store.upsert_sites, rows)
+        except BaseException:
+            self._dirty.update(r[0] for r in rows)  # written with the next flush
+            raise
+        return len(rows)
 
-    def _seen(self, site: str, state: str, at: float) -> None:
-        """Keep the site gauges in step with the store's row just written."""
+    async def run(self, timeout_s: float) -> None:
+        """Sweep (in memory) and flush what changed, every `flush_s` or a quarter of the timeout if shorter."""
+        tick = min(self._flush_s, max(timeout_s / 4, 0.25))
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                self.sweep(timeout_s)
+                await self.flush()
+            except Exception:  # a store hiccup must not end the loop
+                log.exception("site_flush_failed")
+
+    def _set(self, site: str, state: str, at: float, info: dict[str, Any], dirty: bool = True) -> None:
+        old = self._sites.get(site)
+        self._sites[site] = (state, at, info)
+        if dirty:
+            self._dirty.add(site)
         self._metrics.site_up.labels(site).set(1 if state == "online" else 0)
         self._metrics.site_last_seen.labels(site).set(at)
-        if self._states.get(site) != state:
-            self._states[site] = state
-            self._metrics.sites_online.set(sum(1 for s in self._states.values() if s == "online"))
+        was_online = old is not None and old[0] == "online"
+        if was_online != (state == "online"):
+            self._online += 1 if state == "online" else -1
+            self._metrics.sites_online.set(self._online)

@@ -11,7 +11,16 @@ from dataclasses import dataclass
 
 from federation.jobs import JobSpec
 from federation.models import Weights, check_layout
-from federation.tensors import PayloadError, all_finite, decode, l2_norm, sha256_hex
+from federation.tensors import (
+    HeaderTooLarge,
+    PayloadError,
+    SizeMismatch,
+    all_finite,
+    check_frame,
+    decode,
+    l2_norm,
+    sha256_hex,
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,14 @@ def check_update(body: bytes, claimed_sha: str, template: Weights, spec: JobSpec
     """Decode and validate one update body against the job; raise `Rejection` on the first problem."""
     if sha256_hex(body) != claimed_sha:
         raise Rejection("hash_mismatch", "the body's sha256 differs from the envelope's")
+    try:
+        check_frame(body, template)
+    except HeaderTooLarge as exc:
+        raise Rejection("oversized_header", str(exc)) from None
+    except SizeMismatch as exc:
+        raise Rejection("wrong_layout", str(exc)) from None
+    except PayloadError as exc:
+        raise Rejection("malformed_payload", str(exc)) from None
     try:
         update = decode(body)
     except PayloadError as exc:

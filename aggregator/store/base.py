@@ -157,7 +157,8 @@ class StateStore(ABC):
     def is_model(self, sha: str) -> bool: ...
 
     @abstractmethod
-    def upsert_site(self, site: str, state: str, at: float, info: dict[str, Any]) -> None: ...
+    def upsert_sites(self, rows: list[tuple[str, str, float, dict[str, Any]]]) -> None:
+        """(site, state, at, info) of each site, in one transaction."""
 
     @abstractmethod
     def sites(self) -> list[dict[str, Any]]: ...

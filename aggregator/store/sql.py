@@ -219,13 +219,14 @@ class SqlStore(StateStore):
     def is_model(self, sha: str) -> bool:
         return self._one("SELECT 1 AS x FROM models WHERE sha=?", (sha,)) is not None
 
-    def upsert_site(self, site: str, state: str, at: float, info: dict[str, Any]) -> None:
+    def upsert_sites(self, rows: list[tuple[str, str, float, dict[str, Any]]]) -> None:
         with self._tx():
-            self._execute(
-                "INSERT INTO sites VALUES (?,?,?,?) ON CONFLICT (site) DO UPDATE SET state=excluded.state, "
-                "at=excluded.at, info=excluded.info",
-                (site, state, at, json.dumps(info)),
-            )
+            for site, state, at, info in rows:
+                self._execute(
+                    "INSERT INTO sites VALUES (?,?,?,?) ON CONFLICT (site) DO UPDATE SET state=excluded.state, "
+                    "at=excluded.at, info=excluded.info",
+                    (site, state, at, json.dumps(info)),
+                )
 
     def sites(self) -> list[dict[str, Any]]:
         rows = self._query("SELECT * FROM sites ORDER BY site")

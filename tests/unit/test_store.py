@@ -81,7 +81,7 @@ def test_state_survives_reopening(store_url: str, spec: JobSpec) -> None:
     s = open_store(url)
     s.create_job("job-a", spec, SHA0, 1.0)
     s.add_rejection("job-a", 1, "hungary", "non_finite", "NaN", 2.0)
-    s.upsert_site("hungary", "online", 3.0, {"version": "x"})
+    s.upsert_sites([("hungary", "online", 3.0, {"version": "x"})])
     s.close()
     s = open_store(url)
     assert s.get_job("job-a") is not None
@@ -93,3 +93,28 @@ def test_state_survives_reopening(store_url: str, spec: JobSpec) -> None:
 def test_unknown_store_url_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="unsupported state store URL"):
         open_store("mysql://x")
+
+
+def test_follow_ups_of_ended_jobs_are_kept_until_done(store: StateStore, spec: JobSpec) -> None:
+    store.create_job("job-a", spec, SHA0, 1.0)
+    store.set_job_state("job-a", "running", "", 2.0)
+    assert store.followups() == [] and not store.followup_pending("job-a")
+    store.set_job_state("job-a", "cancelled", "by operator", 3.0)
+    assert store.followups() == [("job-a", "cancelled")] and store.followup_pending("job-a")
+    store.followup_done("job-a")
+    assert store.followups() == []
+
+
+def test_counts_and_one_version_of_evaluations(store: StateStore, spec: JobSpec) -> None:
+    store.create_job("job-a", spec, SHA0, 1.0)
+    store.create_job("job-b", spec, SHA0, 1.0)
+    store.set_job_state("job-b", "failed", "x", 2.0)
+    assert store.count_jobs() == {"offered": 1, "failed": 1}
+    store.open_round("job-a", 1, "train", SHA0, 1.0, 61.0)
+    for rnd, site in ((1, "cleveland"), (1, "hungary")):
+        store.add_update(UpdateRow("job-a", rnd, site, SHA1, 200, 0.5, 1.5, 2.0), EvalMetrics(n=10, auc=0.6))
+    store.add_evaluation("job-a", 1, "cleveland", EvalMetrics(n=10, auc=0.7))
+    assert set(store.evaluations("job-a", 0)) == {0} and set(store.evaluations("job-a", 0)[0]) == {
+        "cleveland", "hungary"}
+    assert set(store.evaluations("job-a")) == {0, 1}
+    assert [u.site for u in store.updates("job-a")] == ["cleveland", "hungary"]

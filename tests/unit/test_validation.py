@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import save
 
 from aggregator.blobs import FileBlobStore
 from aggregator.validation import Rejection, check_update, noise_norm_bound
@@ -42,6 +43,11 @@ def test_each_bad_update_has_its_reason() -> None:
     assert reason(encode(nan)) == "non_finite"
     huge = {k: np.full_like(v, 1e3) for k, v in TEMPLATE.items()}
     assert reason(encode(huge)) == "norm_implausible"
+    # Refused from the header's length alone, before it is parsed: metadata beside valid tensors, or a header
+    # of many empty tensors.
+    assert reason(save(good, metadata={"x": "y" * 60_000})) == "oversized_header"
+    empty = {f"t{i}": np.zeros((0,), np.float32) for i in range(10_000)}
+    assert reason(save({**good, **empty})) == "oversized_header"
 
 
 def test_norm_bound_admits_real_noise() -> None:
