@@ -27,6 +27,7 @@ from aggregator.engine import RoundEngine
 from aggregator.ingress import RateLimitedLog
 from aggregator.metrics import AggregatorMetrics
 from aggregator.store import JobRow, StateStore
+from aggregator.store.sql import UnreadableRow
 from aggregator.summary import job_summary
 from aggregator.validation import Rejection
 from federation.jobs import JobSpec
@@ -65,6 +66,16 @@ def _strict_dumps(obj: Any) -> str:
 
 def error(status: int, code: str, detail: str, **extra: Any) -> web.Response:
     return json_response({"error": code, "detail": detail, **extra}, status=status)
+
+
+@web.middleware
+async def unreadable_rows(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A stored row that fails its checks (see `aggregator.store.checks`) is a clear error, not a traceback."""
+    try:
+        return await handler(request)
+    except UnreadableRow as exc:
+        log.error("unreadable_row", path=request.path, error=str(exc)[:500])
+        return error(500, "unreadable_state", str(exc)[:500])
 
 
 def validation_errors(exc: ValidationError) -> list[dict[str, str]]:
@@ -272,6 +283,13 @@ async def sites(request: web.Request) -> web.Response:
 @operator("viewer")
 async def rejections(request: web.Request) -> web.Response:
     return json_response(await request.app[DB].read(lambda s: s.rejections(request.query.get("job_id"), 1000)))
+
+
+@routes.get("/api/v1/quarantine")
+@operator("viewer")
+async def quarantine(request: web.Request) -> web.Response:
+    """Stored rows that failed their checks at start-up and were moved aside (their jobs failed with the reason)."""
+    return json_response(await request.app[DB].read(lambda s: s.quarantined(1000)))
 
 
 @routes.get("/api/v1/decisions")

@@ -96,28 +96,47 @@ class RoundEngine:
             self._pub.publish(topics.offers(site, runner.job_id), offer, retain=True)
 
     async def recover(self) -> None:
-        """Resume every unfinished job from the store after a (re)start."""
+        """Resume every unfinished job from the store after a (re)start. Stored rows that fail their checks are
+        quarantined first, failing their jobs; a job that still cannot be resumed fails with the reason. Nothing
+        stored stops the aggregator from starting."""
+        for q in await self._db(self._store.quarantine_active, time.time()):
+            self._metrics.quarantined_rows.labels(q.table).inc()
+            log.warning("stored_row_quarantined", table=q.table, job=q.job_id, key=q.key, reason=q.reason)
         for job in await self._db(self._store.list_jobs, ACTIVE):
-            weights = decode(await self._db(self._blobs.get, job.model_sha))
-            runner = JobRunner(job.job_id, job.spec, weights, job.model_sha, make_strategy(job.spec),
-                               state=job.state, paused=job.paused)
-            for d in await self._db(self._store.decisions, job.job_id):
-                runner.decide(d.site, d.decision)
-            self._runners[job.job_id] = runner
-            async with runner.lock:
-                if job.state == "offered":
-                    # A crash between the commit and the broker's acknowledgement may have lost the offers:
-                    # publish them again to the sites that have not answered (agents answer a repeat the same).
-                    unanswered = [s for s in job.spec.sites if runner.decisions.get(s) == "offered"]
-                    self._offer(runner, job.requester, job.created_at, unanswered)
-                    remaining = job.created_at + job.spec.accept_deadline_s - time.time()
-                    self._arm(runner, max(remaining, 0.0), self._accept_deadline)
-                    await self._maybe_start(runner)
+            try:
+                await self._recover_job(job)
+            except Exception as exc:
+                log.exception("job_not_recovered", job=job.job_id)
+                reason = f"could not be resumed after a restart: {type(exc).__name__}: {exc}"[:1000]
+                runner = self._runners.get(job.job_id)
+                if runner is not None:  # tell its sites, as any ending does
+                    async with runner.lock:
+                        await self._end(runner, "failed", reason)
                 else:
-                    await self._resume_round(runner, job)
-            self._post(JobResumed(job.job_id))
-            log.info("job_recovered", job=job.job_id, state=job.state, round=job.round)
+                    await self._db(self._store.set_job_state, job.job_id, "failed", reason, time.time())
+                    self._post(JobEnded(job.job_id, "failed"))
         await self._refresh_job_gauge()
+
+    async def _recover_job(self, job: JobRow) -> None:
+        weights = decode(await self._db(self._blobs.get, job.model_sha))
+        runner = JobRunner(job.job_id, job.spec, weights, job.model_sha, make_strategy(job.spec),
+                           state=job.state, paused=job.paused)
+        for d in await self._db(self._store.decisions, job.job_id):
+            runner.decide(d.site, d.decision)
+        self._runners[job.job_id] = runner
+        async with runner.lock:
+            if job.state == "offered":
+                # A crash between the commit and the broker's acknowledgement may have lost the offers:
+                # publish them again to the sites that have not answered (agents answer a repeat the same).
+                unanswered = [s for s in job.spec.sites if runner.decisions.get(s) == "offered"]
+                self._offer(runner, job.requester, job.created_at, unanswered)
+                remaining = job.created_at + job.spec.accept_deadline_s - time.time()
+                self._arm(runner, max(remaining, 0.0), self._accept_deadline)
+                await self._maybe_start(runner)
+            else:
+                await self._resume_round(runner, job)
+        self._post(JobResumed(job.job_id))
+        log.info("job_recovered", job=job.job_id, state=job.state, round=job.round)
 
     async def _resume_round(self, runner: JobRunner, job: JobRow) -> None:
         rnd = await self._db(self._store.get_round, job.job_id, job.round)

@@ -54,6 +54,10 @@ class AggregatorMetrics:
             "fedsilo_job_events_dropped", "Closed rounds whose tracking records waited for the job's end (the "
             "job-event queue was full).", registry=r,
         )
+        self.quarantined_rows = Counter(
+            "fedsilo_quarantined_rows", "Stored rows that failed their checks at start-up and were moved to the "
+            "quarantine (their jobs fail with the reason).", ["table"], registry=r,
+        )
         self.site_refusals = Counter(
             "fedsilo_job_refusals", "Job offers a site refused.", ["site"], registry=r
         )

@@ -80,6 +80,17 @@ class RejectionRow(BaseModel):
     at: float
 
 
+class QuarantineRow(BaseModel):
+    """A stored row moved aside at start-up: its table, key and why (the row itself is not served)."""
+
+    id: int
+    table_name: str
+    job_id: str | None
+    row_key: str
+    reason: str
+    at: float
+
+
 class JobSummary(BaseModel):
     job_id: str
     name: str
@@ -148,6 +159,7 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (JobSpec, "validation"), (EvaluationReport, "validation"), (UpdateEnvelope, "validation"),
     (ErrorBody, "serialization"), (JobCreated, "serialization"), (JobListItem, "serialization"),
     (JobSummary, "serialization"), (JobControl, "serialization"), (SiteRow, "serialization"),
+    (QuarantineRow, "serialization"),
     (SiteDecisionRow, "serialization"), (RejectionRow, "serialization"), (Me, "serialization"),
     (Health, "serialization"), (UploadAck, "serialization"),
 ]
@@ -224,6 +236,10 @@ def _paths() -> dict[str, Any]:
         "/api/v1/sites": {"get": _op(
             "Sites, online or offline, with their last status",
             {"200": _json({"type": "array", "items": _ref(SiteRow)}, "every site heard of"), **_errors(401, 403)},
+            security=OPERATOR, tag="sites")},
+        "/api/v1/quarantine": {"get": _op(
+            "Stored rows that failed their checks at start-up and were moved aside",
+            {"200": _json({"type": "array", "items": _ref(QuarantineRow)}, "newest first"), **_errors(401, 403)},
             security=OPERATOR, tag="sites")},
         "/api/v1/decisions": {"get": _op(
             "Each site's answer to each job offered to it",

@@ -23,7 +23,8 @@ export function sitesView() {
       root.append(h("h1", {}, "Sites"), body);
     },
     async refresh() {
-      const [sites, decisions] = await Promise.all([api("/api/v1/sites"), api("/api/v1/decisions")]);
+      const [sites, decisions, quarantined] = await Promise.all(
+        [api("/api/v1/sites"), api("/api/v1/decisions"), api("/api/v1/quarantine")]);
       const names = [...new Set([...sites.map((s) => s.site), ...decisions.map((d) => d.site)])].sort();
       const rows = names.map((name) => {
         const site = sites.find((s) => s.site === name) || { site: name };
@@ -45,13 +46,23 @@ export function sitesView() {
             spent.length ? num(total, 2) : "—"),
           h("td", { class: "muted" }, details(site)));
       });
-      body.replaceChildren(
+      body.replaceChildren(...[
         table(["Site", "State", "Last heartbeat", "Jobs accepted", "Jobs refused (reasons)", "ε spent", "Details"],
               rows, { id: "sites-table" }),
         h("p", { class: "muted" }, "ε spent: the sum over jobs of the ε each site reported with its latest update " +
-          "in that job (update-level DP; see each job's page)."));
+          "in that job (update-level DP; see each job's page)."),
+        quarantined.length ? quarantineTable(quarantined) : null].filter(Boolean));
     },
   };
+}
+
+function quarantineTable(rows) {
+  // Stored rows the aggregator refused to load at start-up (their jobs failed with the reason).
+  return h("section", { id: "quarantine" },
+    h("h2", {}, `Quarantined stored rows (${rows.length})`),
+    table(["When", "Table", "Job", "Row", "Reason"], rows.map((q) => h("tr", {},
+      h("td", { title: iso(q.at) }, ago(q.at)), h("td", {}, q.table_name),
+      h("td", {}, q.job_id ? jobLink(q.job_id) : "—"), h("td", {}, q.row_key), h("td", {}, q.reason)))));
 }
 
 export function jobsView(ctx) {

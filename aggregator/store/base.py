@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from federation.jobs import JobSpec
+
+if TYPE_CHECKING:
+    from aggregator.store.quarantine import Quarantined
 from federation.messages import EvalMetrics
 
 
@@ -167,6 +170,14 @@ class StateStore(ABC):
     def site_decisions(self, site: str | None = None) -> list[dict[str, Any]]:
         """Each site's decision on each job offered to it, newest first, with the job's state and the ε the
         site reported with its latest update in that job (None before its first update)."""
+
+    @abstractmethod
+    def quarantine_active(self, now: float) -> list[Quarantined]:
+        """Move every row of a running job (and every site row) that fails `checks` to the quarantine, failing
+        its job with the reason; see `aggregator.store.quarantine`."""
+
+    @abstractmethod
+    def quarantined(self, limit: int = 1000) -> list[dict[str, Any]]: ...
 
     @abstractmethod
     def close(self) -> None: ...

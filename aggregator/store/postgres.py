@@ -19,6 +19,13 @@ class PostgresStore(SqlStore):
         self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
         with self._db.transaction():
             self._db.execute(SCHEMA.format(serial="BIGSERIAL"))
+            # Sample counts were 32-bit columns before: a round's sum over many sites must fit.
+            for table, column in (("rounds", "n_samples"), ("updates", "num_samples"), ("evaluations", "n")):
+                kind = self._db.execute(
+                    "SELECT data_type FROM information_schema.columns WHERE table_name=%s AND column_name=%s",
+                    (table, column)).fetchone()
+                if kind is not None and kind["data_type"] == "integer":
+                    self._db.execute(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE BIGINT")
 
     @staticmethod
     def _sql(sql: str) -> str:

@@ -6,9 +6,14 @@ from __future__ import annotations
 import contextlib
 import json
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any
 
+import structlog
+
+from aggregator.store import checks
 from aggregator.store.base import JobRow, RoundRow, SiteDecision, StateStore, UpdateRow
+from aggregator.store.quarantine import QuarantineQueries
 from federation.jobs import JobSpec
 from federation.messages import EvalMetrics
 
@@ -23,15 +28,15 @@ CREATE TABLE IF NOT EXISTS job_sites (
 CREATE TABLE IF NOT EXISTS rounds (
   job_id TEXT NOT NULL, round INTEGER NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
   started_at DOUBLE PRECISION NOT NULL, deadline DOUBLE PRECISION NOT NULL, closed_at DOUBLE PRECISION,
-  model_in TEXT NOT NULL, model_out TEXT, n_sites INTEGER NOT NULL DEFAULT 0, n_samples INTEGER NOT NULL DEFAULT 0,
+  model_in TEXT NOT NULL, model_out TEXT, n_sites INTEGER NOT NULL DEFAULT 0, n_samples BIGINT NOT NULL DEFAULT 0,
   train_loss DOUBLE PRECISION, PRIMARY KEY (job_id, round));
 CREATE TABLE IF NOT EXISTS updates (
   job_id TEXT NOT NULL, round INTEGER NOT NULL, site TEXT NOT NULL, sha256 TEXT NOT NULL,
-  num_samples INTEGER NOT NULL, train_loss DOUBLE PRECISION NOT NULL, epsilon DOUBLE PRECISION,
+  num_samples BIGINT NOT NULL, train_loss DOUBLE PRECISION NOT NULL, epsilon DOUBLE PRECISION,
   received_at DOUBLE PRECISION NOT NULL, share_tracking INTEGER NOT NULL DEFAULT 1,
   PRIMARY KEY (job_id, round, site));
 CREATE TABLE IF NOT EXISTS evaluations (
-  job_id TEXT NOT NULL, version INTEGER NOT NULL, site TEXT NOT NULL, n INTEGER NOT NULL, loss DOUBLE PRECISION,
+  job_id TEXT NOT NULL, version INTEGER NOT NULL, site TEXT NOT NULL, n BIGINT NOT NULL, loss DOUBLE PRECISION,
   auc DOUBLE PRECISION, PRIMARY KEY (job_id, version, site));
 CREATE TABLE IF NOT EXISTS rejections (
   id {serial} PRIMARY KEY, job_id TEXT, round INTEGER, site TEXT, reason TEXT NOT NULL, detail TEXT NOT NULL,
@@ -41,13 +46,17 @@ CREATE INDEX IF NOT EXISTS updates_by_site ON updates (job_id, site, round);
 CREATE TABLE IF NOT EXISTS followups (job_id TEXT PRIMARY KEY, state TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS sites (
   site TEXT PRIMARY KEY, state TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, info TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS quarantine (
+  id {serial} PRIMARY KEY, tbl TEXT NOT NULL, job_id TEXT, row_key TEXT NOT NULL, reason TEXT NOT NULL,
+  row_json TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
 """
+log = structlog.get_logger(__name__)
 ENDED = ("finished", "failed", "cancelled")
 _JOB_COLUMNS = "job_id, spec, state, round, model_sha, reason, created_at, updated_at, requester, paused"
 Row = dict[str, Any]
 
 
-class SqlStore(StateStore):
+class SqlStore(QuarantineQueries, StateStore):
     """The store in portable SQL (SQLite ≥ 3.24 and PostgreSQL both speak `ON CONFLICT`). Subclasses supply
     the connection, transactions and the placeholder style; every query is written once, here."""
 
@@ -79,11 +88,23 @@ class SqlStore(StateStore):
 
     def get_job(self, job_id: str) -> JobRow | None:
         row = self._one(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id=?", (job_id,))
-        return _job(row) if row else None
+        if row is None:
+            return None
+        job = _load_job(row)
+        if isinstance(job, str):
+            raise UnreadableRow(f"job {job_id}: {job}")
+        return job
 
     def list_jobs(self, states: tuple[str, ...] | None = None) -> list[JobRow]:
-        jobs = [_job(r) for r in self._query(f"SELECT {_JOB_COLUMNS} FROM jobs ORDER BY created_at, job_id")]
-        return [j for j in jobs if states is None or j.state in states]
+        where = f" WHERE state IN ({','.join('?' * len(states))})" if states else ""
+        out = []
+        for r in self._query(f"SELECT {_JOB_COLUMNS} FROM jobs{where} ORDER BY created_at, job_id", states or ()):
+            job = _load_job(r)
+            if isinstance(job, str):
+                log.warning("stored_row_skipped", table="jobs", job=r["job_id"], reason=job)
+            else:
+                out.append(job)
+        return out
 
     def count_jobs(self) -> dict[str, int]:
         return {r["state"]: int(r["n"]) for r in self._query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
@@ -120,7 +141,8 @@ class SqlStore(StateStore):
             )
 
     def decisions(self, job_id: str) -> list[SiteDecision]:
-        rows = self._query("SELECT * FROM job_sites WHERE job_id=? ORDER BY site", (job_id,))
+        rows = _good(self._query("SELECT * FROM job_sites WHERE job_id=? ORDER BY site", (job_id,)), checks.decision,
+                     "job_sites")
         return [
             SiteDecision(r["site"], r["decision"], json.loads(r["reasons"]), r["epsilon_planned"], r["at"])
             for r in rows
@@ -137,11 +159,13 @@ class SqlStore(StateStore):
             self._execute("UPDATE jobs SET round=?, state='running', updated_at=? WHERE job_id=?", (rnd, now, job_id))
 
     def get_round(self, job_id: str, rnd: int) -> RoundRow | None:
-        row = self._one("SELECT * FROM rounds WHERE job_id=? AND round=?", (job_id, rnd))
-        return RoundRow(**row) if row else None
+        rows = _good(self._query("SELECT * FROM rounds WHERE job_id=? AND round=?", (job_id, rnd)), checks.round_,
+                     "rounds")
+        return RoundRow(**rows[0]) if rows else None
 
     def rounds(self, job_id: str) -> list[RoundRow]:
-        return [RoundRow(**r) for r in self._query("SELECT * FROM rounds WHERE job_id=? ORDER BY round", (job_id,))]
+        rows = self._query("SELECT * FROM rounds WHERE job_id=? ORDER BY round", (job_id,))
+        return [RoundRow(**r) for r in _good(rows, checks.round_, "rounds")]
 
     def add_update(self, u: UpdateRow, evaluation: EvalMetrics | None) -> bool:
         with self._tx():
@@ -158,6 +182,8 @@ class SqlStore(StateStore):
 
     def get_update(self, job_id: str, rnd: int, site: str) -> UpdateRow | None:
         row = self._one("SELECT * FROM updates WHERE job_id=? AND round=? AND site=?", (job_id, rnd, site))
+        if row is not None and checks.update(row) is not None:
+            raise UnreadableRow(f"update of {site} in round {rnd} of {job_id}: {checks.update(row)}")
         return _update(row) if row else None
 
     def updates(self, job_id: str, rnd: int | None = None) -> list[UpdateRow]:
@@ -165,7 +191,7 @@ class SqlStore(StateStore):
             rows = self._query("SELECT * FROM updates WHERE job_id=? ORDER BY round, site", (job_id,))
         else:
             rows = self._query("SELECT * FROM updates WHERE job_id=? AND round=? ORDER BY site", (job_id, rnd))
-        return [_update(r) for r in rows]
+        return [_update(r) for r in _good(rows, checks.update, "updates")]
 
     def close_round(
         self, job_id: str, rnd: int, model_out: str | None, n_sites: int, n_samples: int,
@@ -194,7 +220,8 @@ class SqlStore(StateStore):
     def evaluations(self, job_id: str, version: int | None = None) -> dict[int, dict[str, EvalMetrics]]:
         out: dict[int, dict[str, EvalMetrics]] = {}
         where, params = ("job_id=?", (job_id,)) if version is None else ("job_id=? AND version=?", (job_id, version))
-        for r in self._query(f"SELECT * FROM evaluations WHERE {where} ORDER BY version, site", params):
+        rows = self._query(f"SELECT * FROM evaluations WHERE {where} ORDER BY version, site", params)
+        for r in _good(rows, checks.evaluation, "evaluations"):
             out.setdefault(r["version"], {})[r["site"]] = EvalMetrics(n=r["n"], loss=r["loss"], auc=r["auc"])
         return out
 
@@ -229,7 +256,7 @@ class SqlStore(StateStore):
                 )
 
     def sites(self) -> list[dict[str, Any]]:
-        rows = self._query("SELECT * FROM sites ORDER BY site")
+        rows = _good(self._query("SELECT * FROM sites ORDER BY site"), checks.site, "sites")
         return [{"site": r["site"], "state": r["state"], "at": r["at"], **json.loads(r["info"])} for r in rows]
 
     def site_decisions(self, site: str | None = None) -> list[dict[str, Any]]:
@@ -244,13 +271,38 @@ class SqlStore(StateStore):
         return [{**r, "reasons": json.loads(r["reasons"])} for r in rows]
 
 
+class UnreadableRow(RuntimeError):
+    """A stored row fails `checks` (written by an older version, by hand, or by a bug): the caller must not use it."""
+
+
+def _good(rows: list[Row], check: Callable[[Row], str | None], table: str) -> list[Row]:
+    """The rows that pass `check`; the others are left out (and logged): a reader never stops on a bad row."""
+    good = []
+    for r in rows:
+        bad = check(r)
+        if bad is None:
+            good.append(r)
+        else:
+            log.warning("stored_row_skipped", table=table, reason=bad[:300])
+    return good
+
+
 def _update(row: Row) -> UpdateRow:
     return UpdateRow(**{**row, "share_tracking": bool(row["share_tracking"])})
 
 
-def _job(row: Row) -> JobRow:
+def _load_job(row: Row) -> JobRow | str:
+    """The job of a row, or why the row cannot be used (its spec is parsed once, here)."""
+    spec = checks.job_spec(row)
+    if isinstance(spec, str):
+        return spec
+    bad = checks.job(row, spec)
+    return bad if bad is not None else _job(row, spec)
+
+
+def _job(row: Row, spec: JobSpec) -> JobRow:
     return JobRow(
-        job_id=row["job_id"], spec=JobSpec.model_validate_json(row["spec"]), state=row["state"],
+        job_id=row["job_id"], spec=spec, state=row["state"],
         round=row["round"], model_sha=row["model_sha"], reason=row["reason"],
         created_at=row["created_at"], updated_at=row["updated_at"], requester=row["requester"],
         paused=bool(row["paused"]),

@@ -118,3 +118,36 @@ def test_counts_and_one_version_of_evaluations(store: StateStore, spec: JobSpec)
         "cleveland", "hungary"}
     assert set(store.evaluations("job-a")) == {0, 1}
     assert [u.site for u in store.updates("job-a")] == ["cleveland", "hungary"]
+
+
+def test_rows_that_fail_their_checks_are_quarantined_and_never_stop_a_reader(store: StateStore, spec: JobSpec) -> None:
+    """Rows written by an older version, by hand or by a bug: each kind is moved aside with its reason, its job
+    fails with it, and every reader skips such a row instead of raising."""
+    sql = store._execute  # type: ignore[attr-defined]
+    for job in ("job-a", "job-b", "job-c"):
+        store.create_job(job, spec, SHA0, 1.0)
+        store.open_round(job, 1, "train", SHA0, 1.0, 61.0)
+    store.add_update(UpdateRow("job-a", 1, "cleveland", SHA1, 200, 0.5, 1.5, 2.0), EvalMetrics(n=10, auc=0.6))
+    sql("INSERT INTO updates VALUES (?,?,?,?,?,?,?,?,?)", ("job-a", 1, "hungary", SHA1, 2**62, 0.5, 1.0, 2.0, 1))
+    sql("INSERT INTO evaluations VALUES (?,?,?,?,?,?)", ("job-b", 0, "hungary", 10, 0.5, 1e308))
+    sql("UPDATE jobs SET spec=? WHERE job_id=?", ("{not a spec", "job-c"))
+    sql("INSERT INTO sites VALUES (?,?,?,?)", ("mallory", "online", float("inf"), "{}"))
+    sql("INSERT INTO sites VALUES (?,?,?,?)", ("eve", "online", 1.0, "[NaN]"))
+    store.upsert_sites([("cleveland", "online", 3.0, {"version": "x"})])
+
+    # Before the quarantine, readers already skip what they cannot serve.
+    assert [u.site for u in store.updates("job-a", 1)] == ["cleveland"]
+    assert store.evaluations("job-b") == {}
+    assert [s["site"] for s in store.sites()] == ["cleveland"]
+    assert [j.job_id for j in store.list_jobs()] == ["job-a", "job-b"]
+
+    moved = store.quarantine_active(10.0)
+    assert {(q.table, q.key) for q in moved} == {
+        ("updates", "job-a/1/hungary"), ("evaluations", "job-b/0/hungary"), ("jobs", "job-c"),
+        ("sites", "mallory"), ("sites", "eve")}
+    assert {q["row_key"] for q in store.quarantined()} == {q.key for q in moved}
+    assert all(store.get_job(j).state == "failed" for j in ("job-a", "job-b"))  # type: ignore[union-attr]
+    assert "num_samples" in store.get_job("job-a").reason  # type: ignore[union-attr]
+    assert dict(store.followups()).keys() == {"job-a", "job-b"}
+    assert store.quarantine_active(11.0) == []  # nothing left to move
+    assert store.count_jobs() == {"failed": 3}
