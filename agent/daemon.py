@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import os
 import signal
 import sys
 import time
@@ -394,6 +395,8 @@ class Agent:
 
 
 def run_agent(cfg: AgentConfig) -> None:
+    # The ledger, the audit log and the release log are the hospital's: readable by the agent's user only.
+    os.umask(0o077)
     try:
         agent = Agent(cfg)
     except StartupError as exc:

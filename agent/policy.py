@@ -20,7 +20,7 @@ from agent.data import DataError, SiteData
 from agent.fedml_adapter import TrainerRegistration, trainer_refusals
 from agent.privacy import job_epsilon
 from federation.jobs import JobSpec
-from federation.models import build_model, get_weights, parameter_count
+from federation.models import count_parameters
 from federation.privacy import epsilon_for
 from federation.schema import Frozen
 
@@ -207,7 +207,7 @@ def evaluate(
     if spec.model.name not in policy.models.allowed:
         r.append(f"model {spec.model.name!r} is not allowed (allowed: {', '.join(policy.models.allowed)})")
     else:
-        n = parameter_count(get_weights(build_model(spec.model.name, spec.features.input_dim(), spec.model.hidden)))
+        n = count_parameters(spec.model.name, spec.features.input_dim(), spec.model.hidden)  # nothing built
         if n > policy.models.max_parameters:
             r.append(f"model has {n} parameters, above this site's maximum {policy.models.max_parameters}")
         if n * 4 + 1024 > policy.egress.max_upload_bytes_per_round:

@@ -32,6 +32,7 @@ from aggregator.summary import job_summary
 from aggregator.validation import Rejection
 from federation.jobs import JobSpec
 from federation.messages import ENVELOPE_HEADER, EvaluationReport, UpdateEnvelope
+from federation.models import count_parameters
 from federation.schema import field_errors
 
 log = structlog.get_logger(__name__)
@@ -44,6 +45,8 @@ METRICS: web.AppKey[AggregatorMetrics] = web.AppKey("metrics", AggregatorMetrics
 MAX_UPLOAD: web.AppKey[int] = web.AppKey("max_upload", int)
 TOKENS: web.AppKey[tuple[OperatorToken, ...]] = web.AppKey("tokens", tuple)
 BODY_TIMEOUT: web.AppKey[float] = web.AppKey("body_timeout", float)
+MAX_PARAMS: web.AppKey[int] = web.AppKey("max_params", int)
+METRICS_ELSEWHERE: web.AppKey[bool] = web.AppKey("metrics_elsewhere", bool)
 # After an upload larger than this the connection is closed. An idle kept-alive TLS connection keeps buffers in
 # proportion to the last large body it carried (bench/scale.py: ≈1.7 MB per idle connection after 4 MB uploads,
 # so memory grew with the number of sites); a handshake per round costs little next to such a body, while small
@@ -188,6 +191,10 @@ async def submit_job(request: web.Request) -> web.Response:
     except ValidationError as exc:
         errors = validation_errors(exc)
         return error(400, "invalid_job", one_line(errors), errors=errors)
+    n = count_parameters(spec.model.name, spec.features.input_dim(), spec.model.hidden)
+    if n > request.app[MAX_PARAMS]:
+        return error(400, "model_too_large", f"the model has {n:,} parameters; this aggregator takes at most "
+                                             f"{request.app[MAX_PARAMS]:,} (max_model_parameters)")
     job_id = await request.app[ENGINE].submit(spec, requester=request[OPERATOR].name)
     return json_response({"job_id": job_id, "state": "offered"}, status=201)
 
@@ -397,6 +404,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text (docs/metrics.md); not here when `metrics_port` moves it to an internal listener."""
+    if request.app.get(METRICS_ELSEWHERE):
+        return error(404, "not_here", "metrics are served on the aggregator's internal metrics listener")
     body = generate_latest(request.app[METRICS].registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -419,3 +429,11 @@ def _int(text: str) -> int:
         raise web.HTTPBadRequest(text=json.dumps({"error": "bad_round", "detail": detail}),
                                  content_type="application/json")
     return value
+
+
+def metrics_app(registry_of: AggregatorMetrics) -> web.Application:
+    """/metrics alone, for an internal listener (plain HTTP, e.g. a pod port only the cluster's Prometheus reaches)."""
+    app = web.Application()
+    app[METRICS] = registry_of
+    app.router.add_get("/metrics", metrics)
+    return app

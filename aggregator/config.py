@@ -27,6 +27,9 @@ class AggregatorConfig(Frozen):
     # Ed25519 key every job offer and round task is signed with; sites pin its public half.
     signing_key: Path | None = None
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # The largest model a job may ask for, federation-wide (each site's policy may allow less): counted from the
+    # job's model and shape, before anything is built.
+    max_model_parameters: int = Field(default=10_000_000, ge=1, le=1_000_000_000)
     # How long an idle HTTPS connection stays open. Each costs ≈0.4 MB (asyncio's 256 KiB TLS read buffer and
     # OpenSSL's): with thousands of sites, shorten it (or terminate TLS at the ingress) to trade memory for
     # handshakes; `bench/scale.py` measures both.
@@ -43,6 +46,10 @@ class AggregatorConfig(Frozen):
     mqtt_max_message_bytes: int = Field(default=16_384, ge=1024, le=1 << 20)
     mqtt_site_rate_per_s: float = Field(default=2.0, gt=0, le=1000)
     mqtt_site_burst: int = Field(default=20, ge=1, le=10_000)
+    # Serve /metrics on a listener of its own (plain HTTP, e.g. only inside the cluster) instead of the HTTPS API's
+    # port, where it then answers 404. None: on the API's port, like /healthz, without a client certificate.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
     tracking: TrackingConfig = TrackingConfig()
     # Operator bearer tokens (sha256 only) for the console and scripts; operator certificates also work.
     operators: tuple[OperatorToken, ...] = ()

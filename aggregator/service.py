@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 
 import structlog
 from aiohttp import web
@@ -50,6 +51,9 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     app[api.ENGINE], app[api.DB], app[api.BLOBS], app[api.METRICS] = engine, db, blobs, metrics
     app[api.MAX_UPLOAD] = cfg.max_upload_bytes
     app[api.BODY_TIMEOUT] = cfg.http_body_timeout_s
+    app[api.MAX_PARAMS] = cfg.max_model_parameters
+    app[api.METRICS_ELSEWHERE] = cfg.metrics_port is not None
+    internal: list[web.AppRunner] = []
     app[api.REJECTIONS] = api.RejectionLog()
     app[api.TOKENS] = cfg.operators
     app.add_routes(api.routes)
@@ -62,11 +66,18 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
         await engine.recover()
         await tracking.start()  # drains records a previous run left in the outbox
         background.append(asyncio.create_task(sites.run(cfg.site_timeout_s)))
+        if cfg.metrics_port is not None:
+            runner = web.AppRunner(api.metrics_app(metrics), access_log=None, shutdown_timeout=0.5)
+            await runner.setup()
+            await web.TCPSite(runner, cfg.metrics_host, cfg.metrics_port).start()
+            internal.append(runner)
         log.info("aggregator_started", host=cfg.host, port=cfg.port, tls=cfg.tls is not None)
 
     async def cleanup(_: web.Application) -> None:
         for task in background:
             task.cancel()
+        for runner in internal:
+            await runner.cleanup()
         await engine.shutdown()
         await sites.flush()
         await events.close(cfg.tracking.close_timeout_s)
@@ -80,6 +91,8 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
 
 
 def serve(cfg: AggregatorConfig) -> None:
+    # State, blobs, reports and the tracking outbox hold what sites sent: readable by this service's user only.
+    os.umask(0o077)
     app = create_app(cfg)
     assert cfg.tls is not None
     # Certificates are optional at the handshake (health probes and Prometheus need none) but verified when

@@ -33,6 +33,26 @@ def _mlp(input_dim: int, hidden: Sequence[int]) -> nn.Module:
 _REGISTRY: dict[str, Builder] = {"logreg": _logreg, "mlp": _mlp}
 
 
+def _dense_count(widths: Sequence[int]) -> int:
+    return sum(a * b + b for a, b in itertools.pairwise(widths))
+
+
+# Parameter counts by arithmetic, so that a job's size is checked before anything is built (a job asking for a
+# 67M-parameter model must be refused without allocating it). Each registered model has one; a test holds them to
+# the built models' counts.
+_COUNTS: dict[str, Callable[[int, Sequence[int]], int]] = {
+    "logreg": lambda d, _h: _dense_count([d, 1]),
+    "mlp": lambda d, h: _dense_count([d, *(h or [32]), 1]),
+}
+
+
+def count_parameters(name: str, input_dim: int, hidden: Sequence[int] = ()) -> int:
+    """How many parameters `build_model(name, input_dim, hidden)` would have, without building it."""
+    if name not in _COUNTS:
+        raise KeyError(f"model {name!r} is not registered; registered: {sorted(_REGISTRY)}")
+    return _COUNTS[name](input_dim, hidden)
+
+
 def registered_models() -> frozenset[str]:
     return frozenset(_REGISTRY)
 

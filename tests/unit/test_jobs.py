@@ -118,3 +118,12 @@ def test_a_prior_that_does_not_fit_the_job_is_refused_with_the_reason(model: dic
     data["model"] = model
     with pytest.raises(ValidationError, match=match):
         JobSpec.model_validate(data)
+
+
+@pytest.mark.parametrize(("name", "hidden"), [("logreg", []), ("mlp", []), ("mlp", [7]), ("mlp", [40, 3, 9])])
+def test_parameters_are_counted_without_building_and_match_the_built_model(name: str, hidden: list[int]) -> None:
+    from federation.models import build_model, count_parameters, get_weights, parameter_count
+
+    assert count_parameters(name, 25, hidden) == parameter_count(get_weights(build_model(name, 25, hidden)))
+    with pytest.raises(KeyError, match="not registered"):
+        count_parameters("resnet", 25, hidden)
