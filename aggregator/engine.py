@@ -137,7 +137,7 @@ class RoundEngine:
     async def submit(self, spec: JobSpec, requester: str) -> str:
         job_id = new_job_id(spec.name)
         weights = initial_weights(spec)
-        sha = await self._db(self._blobs.put, encode(weights))
+        sha = await self._db(self._blobs.put, encode(weights), "model")
         await self._db(self._store.create_job, job_id, spec, sha, time.time(), requester)
         runner = JobRunner(job_id, spec, weights, make_strategy(spec))
         self._runners[job_id] = runner
@@ -322,7 +322,7 @@ class RoundEngine:
                 raise Rejection("duplicate_conflict", "a different update was already accepted for this round", 409)
             job = await self._current(runner, env.round, "train")
             update = await asyncio.to_thread(check_update, body, env.sha256, runner.global_weights, runner.spec)
-            await self._db(self._blobs.put, body)
+            await self._db(self._blobs.put, body, "update")
             failpoint("ingest_after_blob")
             row = UpdateRow(
                 env.job_id, env.round, site, env.sha256, env.num_samples, env.train_loss, env.epsilon, time.time(),
@@ -472,7 +472,7 @@ class RoundEngine:
                 n_samples = sum(u.num_samples for u in ups)
                 loss = sum(u.train_loss * u.num_samples for u in ups) / max(n_samples, 1)
                 new_weights = await asyncio.to_thread(runner.strategy.apply, runner.global_weights)
-                model_out = await self._db(self._blobs.put, encode(new_weights))
+                model_out = await self._db(self._blobs.put, encode(new_weights), "model")
                 failpoint("finalize_after_blob")
             await self._db(
                 self._store.close_round, runner.job_id, rnd, model_out, len(reported), n_samples, loss, time.time()

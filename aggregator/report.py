@@ -135,7 +135,7 @@ def regenerate(cfg: AggregatorConfig, job_id: str) -> Path:
 
     store = open_store(cfg.state_url)
     try:
-        out = write_report(store, open_blobs(cfg.blob_url), job_id, cfg.report_dir)
+        out = write_report(store, open_blobs(cfg.blob_url, cfg.blob_s3), job_id, cfg.report_dir)
         summary = job_summary(store, job_id)
     finally:
         store.close()

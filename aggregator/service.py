@@ -31,7 +31,7 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
                          "signed jobs and identify themselves with client certificates (see `fedsilo certs`)")
     key = load_private_key(cfg.signing_key)
     store = open_store(cfg.state_url)
-    blobs = open_blobs(cfg.blob_url)
+    blobs = open_blobs(cfg.blob_url, cfg.blob_s3)
     metrics = AggregatorMetrics()
     pending: set[asyncio.Task[None]] = set()
     background: list[asyncio.Task[None]] = []  # long-running loops, cancelled at shutdown
