@@ -36,7 +36,7 @@ from urllib.parse import quote, urlsplit
 import structlog
 from pydantic import Field
 
-from aggregator.blobs import BlobCorrupted, BlobKind, BlobStore, BlobStoreError, check_sha, verified
+from aggregator.blobs import BlobKind, BlobStore, BlobStoreError, check_sha, verified
 from federation.schema import Frozen
 from federation.tensors import sha256_hex
 
@@ -119,6 +119,8 @@ class S3BlobStore(BlobStore):
                 max_pool_connections=c.max_pool_connections,
                 s3={"addressing_style": c.addressing_style},
                 tcp_keepalive=True,
+                # Every read is hashed here (sha256 against the key); botocore's own pass would double that cost.
+                response_checksum_validation="when_required",
             ),
         )
         self._sse: dict[str, str] = (
@@ -153,7 +155,7 @@ class S3BlobStore(BlobStore):
             **self._sse,
         }
         try:
-            self._call("put", key, lambda: self._client.put_object(**args))
+            self._retried("put", key, self._call("put", key, lambda: self._client.put_object(**args)))
         except _Exists:
             if kind == "model":  # the same bytes may be there as an update, which would expire
                 tags = {"TagSet": [{"Key": KIND_TAG, "Value": "model"}]}
@@ -165,7 +167,9 @@ class S3BlobStore(BlobStore):
         key = self.key(sha)
 
         def fetch() -> bytes:
-            body = self._client.get_object(Bucket=self._bucket, Key=key)["Body"]
+            resp = self._client.get_object(Bucket=self._bucket, Key=key)
+            self._retried("get", key, resp)
+            body = resp["Body"]
             try:
                 return bytes(body.read())
             except (self._bce.ResponseStreamingError, self._bce.IncompleteReadError, self._bce.ReadTimeoutError) as exc:
@@ -195,8 +199,8 @@ class S3BlobStore(BlobStore):
     # ----------------------------------------------------------------------------------------------- calls
     def _call(self, op: str, key: str, fn: Callable[[], T]) -> T:
         """One store operation: botocore retries each request; we retry, with our own bounded backoff, what it
-        does not; every failure becomes KeyError (absent), `_Exists` (conditional write refused), BlobCorrupted
-        or BlobStoreError, each naming the object."""
+        does not; every failure becomes KeyError (absent), `_Exists` (conditional write refused) or
+        BlobStoreError naming the object."""
         bce = self._bce
         where = f"s3://{self._bucket}/{key}" if key else f"s3://{self._bucket}"
         attempts = self._cfg.max_attempts
@@ -216,10 +220,6 @@ class S3BlobStore(BlobStore):
                 tried = int(meta.get("RetryAttempts", 0)) + 1
                 raise BlobStoreError(_explain(op, where, code or str(status), status, str(err.get("Message", "")),
                                               attempt if code == "ConditionalRequestConflict" else tried)) from exc
-            except bce.FlexibleChecksumError as exc:
-                log.error("blob_corrupted", where=where, error=str(exc))
-                raise BlobCorrupted(f"{where}: S3's stored checksum does not match the bytes read ({exc}); the "
-                                    "blob is corrupted and was not used") from exc
             except _BodyBroke as exc:  # read it again, from the start
                 if attempt == attempts:
                     raise BlobStoreError(f"S3 {op} of {where} failed after {attempt} attempts: the response "
@@ -231,6 +231,12 @@ class S3BlobStore(BlobStore):
             except bce.BotoCoreError as exc:
                 raise BlobStoreError(f"S3 {op} of {where} failed after {attempts} attempts: {exc}") from exc
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _retried(self, op: str, key: str, resp: dict[str, Any]) -> None:
+        """botocore retries silently: say so when a call needed it (throttling shows up here first)."""
+        retries = int(resp.get("ResponseMetadata", {}).get("RetryAttempts", 0))
+        if retries:
+            log.warning("s3_retried", op=op, where=f"s3://{self._bucket}/{key}", retries=retries)
 
     def _backoff(self, op: str, where: str, attempt: int, reason: str) -> None:
         c = self._cfg
