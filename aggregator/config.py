@@ -9,6 +9,7 @@ import yaml
 from pydantic import Field
 
 from aggregator.auth import OperatorToken
+from aggregator.blobs_s3 import S3BlobConfig
 from aggregator.tracking.config import TrackingConfig
 from federation.schema import Frozen
 from federation.transport import BrokerConfig, TLSConfig
@@ -18,7 +19,8 @@ class AggregatorConfig(Frozen):
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=0, le=65535)
     state_url: str = "sqlite:////var/fedsilo/aggregator/state.db"  # sqlite:///REL or sqlite:////ABS, as SQLAlchemy
-    blob_url: str = "file:///var/fedsilo/aggregator/blobs"
+    blob_url: str = "file:///var/fedsilo/aggregator/blobs"  # or s3://BUCKET/PREFIX (settings in blob_s3)
+    blob_s3: S3BlobConfig = S3BlobConfig()
     report_dir: Path = Path("/var/fedsilo/aggregator/reports")
     broker: BrokerConfig = BrokerConfig(port=8883)
     # Server certificate and key, and the CA that site and operator client certificates must chain to.

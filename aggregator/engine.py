@@ -75,7 +75,7 @@ class RoundEngine:
     async def submit(self, spec: JobSpec, requester: str) -> str:
         job_id = new_job_id(spec.name)
         weights = initial_weights(spec)
-        sha = await self._db(self._blobs.put, encode(weights))
+        sha = await self._db(self._blobs.put, encode(weights), "model")
         now = time.time()
         await self._db(self._store.create_job, job_id, spec, sha, now, requester)
         runner = JobRunner(job_id, spec, weights, sha, make_strategy(spec),
@@ -249,7 +249,7 @@ class RoundEngine:
         self._current(runner, env.round, "train")
         async with self._ingest:
             update = await asyncio.to_thread(check_update, body, env.sha256, runner.global_weights, runner.spec)
-            await self._db.io(self._blobs.put, body)
+            await self._db.io(self._blobs.put, body, "update")
         failpoint("ingest_after_blob")
         async with runner.lock:
             existing = await self._db(self._store.get_update, env.job_id, env.round, site)
@@ -403,7 +403,7 @@ class RoundEngine:
                 n_samples = sum(u.num_samples for u in ups)
                 loss = sum(u.train_loss * u.num_samples for u in ups) / max(n_samples, 1)
                 new_weights = await asyncio.to_thread(runner.strategy.apply, runner.global_weights)
-                model_out = await self._db(self._blobs.put, encode(new_weights))
+                model_out = await self._db(self._blobs.put, encode(new_weights), "model")
                 failpoint("finalize_after_blob")
             now = time.time()
             await self._db(

@@ -83,7 +83,7 @@ def regenerate(cfg: AggregatorConfig, job_id: str) -> Path:
 
     store = open_store(cfg.state_url)
     try:
-        summary = write_report(store, open_blobs(cfg.blob_url), job_id, cfg.report_dir)
+        summary = write_report(store, open_blobs(cfg.blob_url, cfg.blob_s3), job_id, cfg.report_dir)
     finally:
         store.close()
     if cfg.tracking.local.enabled:

@@ -33,7 +33,7 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
                          "signed jobs and identify themselves with client certificates (see `fedsilo certs`)")
     key = load_private_key(cfg.signing_key)
     db = Db(open_store(cfg.state_url), reader=open_store(cfg.state_url))
-    blobs = open_blobs(cfg.blob_url)
+    blobs = open_blobs(cfg.blob_url, cfg.blob_s3)
     metrics = AggregatorMetrics()
     sites = SiteRegistry(db, metrics)
     background: list[asyncio.Task[None]] = []  # long-running loops, cancelled at shutdown

@@ -26,6 +26,14 @@ resource "helm_release" "aggregator" {
     image          = { tag = var.image_tag }
     sites          = var.hospitals
     serviceAccount = { roleArn = module.aggregator_irsa.iam_role_arn }
+    blobs = {
+      s3 = {
+        bucket   = aws_s3_bucket.blobs.id
+        prefix   = var.blob_prefix
+        region   = var.region
+        kmsKeyId = aws_kms_key.blobs.arn
+      }
+    }
     tracking = {
       sagemaker = {
         enabled          = true

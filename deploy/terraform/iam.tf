@@ -1,4 +1,5 @@
-# IAM roles for service accounts. The aggregator: the model bucket and SageMaker Experiments, nothing else.
+# IAM roles for service accounts. The aggregator: the model bucket, SageMaker Experiments and (blobs.tf) the blob
+# bucket, nothing else.
 # The agents: none (their clusters have no OIDC provider; an agent needs no AWS permission).
 
 data "aws_iam_policy_document" "aggregator" {
@@ -41,7 +42,7 @@ module "aggregator_irsa" {
   version = "5.58.0"
 
   role_name_prefix = "${var.name}-aggregator-"
-  role_policy_arns = { aggregator = aws_iam_policy.aggregator.arn }
+  role_policy_arns = { aggregator = aws_iam_policy.aggregator.arn, blobs = aws_iam_policy.aggregator_blobs.arn }
   oidc_providers = {
     aggregator = {
       provider_arn               = module.aggregator_eks.oidc_provider_arn

@@ -28,8 +28,18 @@ output "model_bucket" {
   value       = aws_s3_bucket.models.id
 }
 
+output "blob_url" {
+  description = "The aggregator's blob_url (s3://<blob bucket>/<blob_prefix>), as the Helm release sets it."
+  value       = "s3://${aws_s3_bucket.blobs.id}/${var.blob_prefix}"
+}
+
+output "blob_kms_key_arn" {
+  description = "KMS key of the blob bucket (blob_s3.kms_key_id), used for every put."
+  value       = aws_kms_key.blobs.arn
+}
+
 output "aggregator_role_arn" {
-  description = "IAM role the aggregator's service account assumes (IRSA): model bucket and SageMaker Experiments."
+  description = "IAM role the aggregator's service account assumes (IRSA): model bucket, blob bucket and SageMaker Experiments."
   value       = module.aggregator_irsa.iam_role_arn
 }
 

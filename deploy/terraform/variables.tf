@@ -75,6 +75,39 @@ variable "image_tag" {
   default     = "0.1.0"
 }
 
+variable "blob_prefix" {
+  description = "Key prefix of the aggregator's blobs in the blob bucket (blob_url: s3://<bucket>/<prefix>); the IRSA policy grants this prefix only."
+  type        = string
+  default     = "aggregator"
+
+  validation {
+    condition     = can(regex("^[A-Za-z0-9!_.*'()-]+(/[A-Za-z0-9!_.*'()-]+)*$", var.blob_prefix))
+    error_message = "A key prefix without leading, trailing or doubled slashes, of letters, digits and !_.*'()-."
+  }
+}
+
+variable "blob_update_retention_days" {
+  description = "Days a site's round update is kept in the blob bucket before it expires (models never expire); see docs/blobs.md."
+  type        = number
+  default     = 90
+
+  validation {
+    condition     = var.blob_update_retention_days >= 7
+    error_message = "At least 7 days: an open round's updates (a round lasts at most a day) must outlive any outage the aggregator recovers from."
+  }
+}
+
+variable "blob_noncurrent_days" {
+  description = "Days an expired or overwritten blob version is kept (recoverable) before S3 deletes it for good."
+  type        = number
+  default     = 30
+
+  validation {
+    condition     = var.blob_noncurrent_days >= 1
+    error_message = "At least one day."
+  }
+}
+
 variable "tags" {
   description = "Tags added to every AWS resource."
   type        = map(string)

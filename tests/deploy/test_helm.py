@@ -46,8 +46,11 @@ def assert_hardened(deployment: dict[str, Any]) -> None:
 
 
 def same_layout(rendered: dict[str, Any], reference: dict[str, Any]) -> None:
-    """The chart's config uses the image's paths (deploy/config/*.yaml): every path-valued field agrees."""
+    """The chart's config uses the image's paths (deploy/config/*.yaml): every path-valued field agrees (blobs
+    in S3 have no path)."""
     for key, value in reference.items():
+        if key == "blob_url" and str(rendered[key]).startswith("s3://"):
+            continue
         if (isinstance(value, str) and value.startswith(("/", "sqlite:", "file:"))) or key == "tls":
             assert rendered[key] == value, f"{key}: chart {rendered[key]!r}, image {value!r}"
 
@@ -167,6 +170,14 @@ def test_aggregator_chart(values: Path, tmp_path: Path) -> None:
         assert config.tracking.sagemaker is not None
         assert config.tracking.sagemaker.artifact_bucket == sagemaker["artifactBucket"]
 
+    s3 = given.get("blobs", {}).get("s3", {})
+    if s3.get("bucket"):
+        assert config.blob_url == f"s3://{s3['bucket']}/{s3['prefix']}"
+        assert (config.blob_s3.region, config.blob_s3.kms_key_id) == (s3.get("region"), s3.get("kmsKeyId"))
+        assert config.blob_s3.retry_mode == s3.get("retryMode", "standard")
+    else:
+        assert config.blob_url == "file:///var/fedsilo/aggregator/blobs"
+
     database = given.get("database", {}).get("existingSecret")
     if database:
         assert volumes["database"]["secret"]["secretName"] == database
@@ -215,6 +226,18 @@ def check_config_init_container(pod: dict[str, Any], template_text: str, tmp_pat
     subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
     out = AggregatorConfig.load(root / "config" / "aggregator.yaml")
     assert out.state_url == "postgresql://fedsilo:pw@db.internal:5432/fedsilo"
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (("blobs.s3.bucket=Fedsilo_Blobs",), "does not match pattern"),
+    (("blobs.s3.prefix=/leading",), "does not match pattern"),
+    (("blobs.s3.retryMode=legacy",), "/blobs/s3/retryMode"),
+    (("blobs.s3.maxAttempts=0",), "/blobs/s3/maxAttempts"),
+])
+def test_aggregator_chart_refuses_bad_blob_settings(sets: tuple[str, ...], message: str) -> None:
+    error = template("aggregator", CHARTS / "aggregator" / "ci" / "production-values.yaml", sets=sets,
+                     expect_error=True)
+    assert message in error, error
 
 
 def test_aggregator_chart_acl_follows_the_site_list() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import hcl2
 import pytest
 
+from aggregator.blobs_s3 import KIND_TAG
 from tests.deploy._tools import TERRAFORM, optional_tool
 
 EXACT_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
@@ -100,6 +101,64 @@ def test_reference_topology() -> None:
         assert kind in resources, f"no {kind}"
     agent_release = [doc for _, doc in parsed(TERRAFORM / "agent-release")]
     assert any("helm_release" in entry for doc in agent_release for entry in doc.get("resource", []))
+
+
+def named(directory: Path, section: str, kind: str) -> dict[str, dict[str, Any]]:
+    """Every `section "kind" "name"` block (resource, data) of a configuration, by name."""
+    return {name: body for _, doc in parsed(directory) for entry in doc.get(section, [])
+            for name, body in entry.get(kind, {}).items()}
+
+
+def test_blob_bucket() -> None:
+    """The aggregator's blob bucket (deploy/terraform/blobs.tf): its own KMS key, ACLs off, versioned, public
+    access blocked, TLS only, written once; round updates expire by the tag the S3 blob store sets, models never;
+    the IRSA policy reaches that bucket's prefix and key only; the Helm release gets its blob_url from here."""
+    def one(kind: str, name: str = "blobs") -> dict[str, Any]:
+        return named(TERRAFORM, "resource", kind)[name]
+
+    assert one("aws_kms_key")["enable_key_rotation"] is True
+    assert one("aws_s3_bucket_ownership_controls")["rule"][0]["object_ownership"] == "BucketOwnerEnforced"
+    assert one("aws_s3_bucket_versioning")["versioning_configuration"][0]["status"] == "Enabled"
+    (rule,) = one("aws_s3_bucket_server_side_encryption_configuration")["rule"]
+    (sse,) = rule["apply_server_side_encryption_by_default"]
+    assert sse == {"sse_algorithm": "aws:kms", "kms_master_key_id": "${aws_kms_key.blobs.arn}"}
+    access = one("aws_s3_bucket_public_access_block")
+    assert all(access[k] is True for k in ("block_public_acls", "block_public_policy", "ignore_public_acls",
+                                           "restrict_public_buckets"))
+
+    rules = {r["id"]: r for r in one("aws_s3_bucket_lifecycle_configuration")["rule"]}
+    updates = rules["expire-round-updates"]
+    assert updates["filter"] == [{"tag": [{"key": KIND_TAG, "value": "update"}]}], "only updates expire"
+    assert updates["expiration"] == [{"days": "${var.blob_update_retention_days}"}]
+    assert not any("model" in str(r.get("filter")) for r in rules.values()), "no rule may expire models"
+    purge = rules["purge-noncurrent-versions"]
+    assert purge["noncurrent_version_expiration"] == [{"noncurrent_days": "${var.blob_noncurrent_days}"}]
+    variables = blocks(TERRAFORM, "variable")
+    assert variables["blob_update_retention_days"]["default"] >= 7
+    assert "validation" in variables["blob_update_retention_days"]
+
+    documents = named(TERRAFORM, "data", "aws_iam_policy_document")
+    assert one("aws_s3_bucket_policy")["policy"] == "${data.aws_iam_policy_document.blobs_bucket.json}"
+    bucket_policy = {s["sid"]: s for s in documents["blobs_bucket"]["statement"]}
+    tls, once = bucket_policy["TLSOnly"], bucket_policy["WriteOnce"]
+    assert tls["effect"] == "Deny" and tls["condition"][0]["variable"] == "aws:SecureTransport"
+    assert once["effect"] == "Deny" and once["actions"] == ["s3:PutObject"]
+    assert once["condition"] == [{"test": "Null", "variable": "s3:if-none-match", "values": ["true"]}]
+
+    grants = documents["aggregator_blobs"]["statement"]
+    actions = {a for s in grants for a in s["actions"]}
+    assert actions == {"s3:GetObject", "s3:PutObject", "s3:PutObjectTagging", "s3:ListBucket",
+                       "kms:GenerateDataKey", "kms:Decrypt"}, "least privilege: no delete, no other bucket"
+    resources = {r for s in grants for r in s["resources"]}
+    assert resources == {"${aws_s3_bucket.blobs.arn}/${var.blob_prefix}/*", "${aws_s3_bucket.blobs.arn}",
+                         "${aws_kms_key.blobs.arn}"}
+    irsa = blocks(TERRAFORM, "module")["aggregator_irsa"]
+    assert "${aws_iam_policy.aggregator_blobs.arn}" in irsa["role_policy_arns"].values()
+
+    values = str(one("helm_release", "aggregator")["values"])
+    for wired in ("bucket = aws_s3_bucket.blobs.id", "prefix = var.blob_prefix", "kmsKeyId = aws_kms_key.blobs.arn"):
+        assert wired in values, f"the aggregator's release does not get {wired}"
+    assert blocks(TERRAFORM, "output")["blob_url"]["value"] == "s3://${aws_s3_bucket.blobs.id}/${var.blob_prefix}"
 
 
 def test_files_follow_terraform_fmt_layout() -> None:

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from aggregator.blobs import FileBlobStore
 from aggregator.validation import Rejection, check_update, noise_norm_bound
 from federation.jobs import JobSpec
 from federation.models import build_model, get_weights
@@ -57,15 +56,3 @@ def test_norm_bound_admits_real_noise() -> None:
     for _ in range(1000):
         noise = rng.normal(0, p.noise_multiplier * p.clip_norm, size=26)
         assert np.linalg.norm(noise) + p.clip_norm <= bound
-
-
-def test_blob_store_is_content_addressed_and_atomic(tmp_path: Path) -> None:
-    blobs = FileBlobStore(tmp_path)
-    sha = blobs.put(b"hello")
-    assert sha == sha256_hex(b"hello") and blobs.get(sha) == b"hello" and blobs.exists(sha)
-    assert blobs.put(b"hello") == sha
-    assert not list(tmp_path.rglob(".tmp-*"))
-    with pytest.raises(KeyError):
-        blobs.get("0" * 64)
-    with pytest.raises(KeyError):
-        blobs.get("../../etc/passwd")
