@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from aggregator import openapi
 from aggregator.auth import Identity, OperatorToken, Role, certificate_identity, operator_identity
-from aggregator.blobs import BlobStore
+from aggregator.blobs import BlobStore, BlobStoreError
 from aggregator.db import Db
 from aggregator.engine import RoundEngine
 from aggregator.ingress import RateLimitedLog
@@ -72,13 +72,20 @@ def error(status: int, code: str, detail: str, **extra: Any) -> web.Response:
 
 
 @web.middleware
-async def unreadable_rows(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """A stored row that fails its checks (see `aggregator.store.checks`) is a clear error, not a traceback."""
+async def storage_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Storage trouble is a clear answer, never a traceback: a stored row that fails its checks (see
+    `aggregator.store.checks`) is a 500 naming it; an unreachable or failing blob store a 503 the caller retries
+    (agents do)."""
     try:
         return await handler(request)
     except UnreadableRow as exc:
         log.error("unreadable_row", path=request.path, error=str(exc)[:500])
         return error(500, "unreadable_state", str(exc)[:500])
+    except BlobStoreError as exc:
+        log.error("blob_store_failed", path=request.path, error=str(exc)[:500])
+        response = error(503, "storage_unavailable", f"the blob store failed: {str(exc)[:300]}; retry later")
+        response.headers["Retry-After"] = "5"
+        return response
 
 
 def validation_errors(exc: ValidationError) -> list[dict[str, str]]:

@@ -41,6 +41,7 @@ class Publisher(Protocol):
 
 
 Signer = Callable[[Frozen], bytes]
+CLOSE_RETRY_S = 2.0  # after a failed attempt to close a round
 CLOSED_TTL_S = 30 * 86_400.0  # agents act on a "closed" notice even when late; the expiry is informative
 
 
@@ -392,6 +393,26 @@ class RoundEngine:
             )
 
     async def _close(self, runner: JobRunner, r: RoundRow) -> None:
+        """Close the round; when that fails (the blob store or the database is unreachable), try again shortly:
+        a round whose updates are all in must never stay open for want of a caller. Not raised to the caller: what
+        it acknowledged is durable already."""
+        try:
+            await self._close_once(runner, r)
+        except Exception:
+            log.exception("round_close_failed", job=runner.job_id, round=r.round, retry_in_s=CLOSE_RETRY_S)
+            self._arm(runner, CLOSE_RETRY_S, self._retry_close)
+
+    async def _retry_close(self, runner: JobRunner) -> None:
+        r = runner.round
+        if r is None or r.state != "open":
+            return
+        if r.kind == "train" and len(runner.reported) < runner.spec.min_sites:
+            # Not closeable yet (e.g. the failure came before quorum): wait for the deadline again.
+            self._arm(runner, max(r.deadline - time.time(), 0.0), self._round_deadline)
+            return
+        await self._close(runner, r)
+
+    async def _close_once(self, runner: JobRunner, r: RoundRow) -> None:
         with structlog.contextvars.bound_contextvars(job=runner.job_id, round=r.round):
             if runner.timer is not None and runner.timer is not asyncio.current_task():
                 runner.timer.cancel()

@@ -47,7 +47,7 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     # Reports and tracking follow rounds and jobs on a worker of their own, with a store connection of its own.
     events = JobEventWorker(db, lambda: open_store(cfg.state_url), blobs, cfg.report_dir, tracking, metrics)
     engine = RoundEngine(db, blobs, link, lambda m: sign(m, key), metrics, post=events.post)
-    app = web.Application(client_max_size=cfg.max_upload_bytes, middlewares=[api.unreadable_rows])
+    app = web.Application(client_max_size=cfg.max_upload_bytes, middlewares=[api.storage_errors])
     app[api.ENGINE], app[api.DB], app[api.BLOBS], app[api.METRICS] = engine, db, blobs, metrics
     app[api.MAX_UPLOAD] = cfg.max_upload_bytes
     app[api.BODY_TIMEOUT] = cfg.http_body_timeout_s
