@@ -1,7 +1,8 @@
-"""The aggregator's HTTP API (aiohttp): job submission and status for operators, model download and
-update/evaluation upload for agents, `/metrics` for Prometheus.
+"""The aggregator's HTTP API (aiohttp): what every endpoint shares (app keys, strict JSON answers, errors,
+authorization, refusals, body timeouts), and the operations endpoints (`/healthz`, `/metrics`, `/openapi.json`).
+The operators' endpoints are in `api_operators.py`, the sites' in `api_sites.py`.
 
-Every refused upload is answered with a reason code and a sentence, counted, logged and stored.
+Every refused request is answered with a reason code and a sentence, counted and logged (`reject`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
-import yaml
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
@@ -26,13 +26,8 @@ from aggregator.db import Db
 from aggregator.engine import RoundEngine
 from aggregator.ingress import RateLimitedLog
 from aggregator.metrics import AggregatorMetrics
-from aggregator.store import JobRow, StateStore
 from aggregator.store.sql import UnreadableRow
-from aggregator.summary import job_summary
 from aggregator.validation import Rejection
-from federation.jobs import JobSpec
-from federation.messages import ENVELOPE_HEADER, EvaluationReport, UpdateEnvelope
-from federation.models import count_parameters
 from federation.schema import field_errors
 
 log = structlog.get_logger(__name__)
@@ -177,232 +172,6 @@ async def read_body(request: web.Request) -> bytes:
                                      content_type="application/json") from None
 
 
-# ---------------------------------------------------------------- operators
-@routes.post("/api/v1/jobs")
-@operator("admin")
-async def submit_job(request: web.Request) -> web.Response:
-    try:
-        text = (await read_body(request)).decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return error(400, "unparseable_job", f"the body is not UTF-8 text: {exc}")
-    try:
-        data = json.loads(text) if request.content_type == "application/json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        return error(400, "unparseable_job", f"the body is not valid JSON/YAML: {exc}")
-    except RecursionError:
-        return error(400, "unparseable_job", "the body is nested too deeply to be a job")
-    if not isinstance(data, dict):
-        return error(400, "invalid_job", "a job must be a mapping", errors=[])
-    try:
-        spec = JobSpec.model_validate(data)
-    except ValidationError as exc:
-        errors = validation_errors(exc)
-        return error(400, "invalid_job", one_line(errors), errors=errors)
-    n = count_parameters(spec.model.name, spec.features.input_dim(), spec.model.hidden)
-    if n > request.app[MAX_PARAMS]:
-        return error(400, "model_too_large", f"the model has {n:,} parameters; this aggregator takes at most "
-                                             f"{request.app[MAX_PARAMS]:,} (max_model_parameters)")
-    job_id = await request.app[ENGINE].submit(spec, requester=request[OPERATOR].name)
-    return json_response({"job_id": job_id, "state": "offered"}, status=201)
-
-
-@routes.get("/api/v1/jobs")
-@operator("viewer")
-async def list_jobs(request: web.Request) -> web.Response:
-    app = request.app
-    jobs = await app[DB].read(lambda s: s.list_jobs(None))
-    deadlines = await app[DB].read(_open_deadlines, [j for j in jobs if j.state == "running"])
-    return json_response([
-        {"job_id": j.job_id, "name": j.spec.name, "state": j.state, "round": min(j.round, j.spec.rounds),
-         "rounds": j.spec.rounds, "reason": j.reason, "created_at": j.created_at,
-         "updated_at": j.updated_at, "paused": j.paused, "min_sites": j.spec.min_sites, "quorum": j.spec.quorum,
-         "sites": list(j.spec.sites), "round_deadline_s": j.spec.round_deadline_s,
-         "deadline": deadlines.get(j.job_id)}
-        for j in jobs
-    ])
-
-
-def _open_deadlines(store: StateStore, jobs: list[JobRow]) -> dict[str, float]:
-    """The deadline of each running job's open round (none between rounds, e.g. while a job is paused)."""
-    out: dict[str, float] = {}
-    for j in jobs:
-        rnd = store.get_round(j.job_id, j.round)
-        if rnd is not None and rnd.state == "open":
-            out[j.job_id] = rnd.deadline
-    return out
-
-
-@routes.get("/api/v1/jobs/{job_id}")
-@operator("viewer")
-async def get_job(request: web.Request) -> web.Response:
-    """The job's summary; `?sites=none` leaves the per-site detail out (a status poll of a large federation)."""
-    detail = request.query.get("sites", "all")
-    if detail not in ("all", "none"):
-        return error(400, "bad_query", f"sites must be 'all' or 'none', not {detail[:40]!r}")
-    per_site = detail == "all"
-    summary = await request.app[DB].read(job_summary, request.match_info["job_id"], per_site)
-    if summary is None:
-        return error(404, "unknown_job", f"no job {request.match_info['job_id']!r}")
-    return json_response(summary)
-
-
-async def _job_action(request: web.Request, action: Callable[[str], Awaitable[None]],
-                      result: dict[str, object]) -> web.Response:
-    """Run an operator action on a running job: the engine raises KeyError when the job is not running."""
-    job_id = request.match_info["job_id"]
-    try:
-        await action(job_id)
-    except KeyError:
-        return error(409, "job_not_running", "no running job with that id")
-    return json_response({"job_id": job_id, **result})
-
-
-@routes.post("/api/v1/jobs/{job_id}/cancel")
-@operator("admin")
-async def cancel_job(request: web.Request) -> web.Response:
-    return await _job_action(request, request.app[ENGINE].cancel, {"state": "cancelled"})
-
-
-@routes.post("/api/v1/jobs/{job_id}/pause")
-@operator("admin")
-async def pause_job(request: web.Request) -> web.Response:
-    return await _job_action(request, request.app[ENGINE].pause, {"paused": True})
-
-
-@routes.post("/api/v1/jobs/{job_id}/resume")
-@operator("admin")
-async def resume_job(request: web.Request) -> web.Response:
-    return await _job_action(request, request.app[ENGINE].resume, {"paused": False})
-
-
-@routes.get("/api/v1/jobs/{job_id}/model")
-@operator("viewer")
-async def final_model(request: web.Request) -> web.Response:
-    app = request.app
-    job = await app[DB].read(lambda s: s.get_job(request.match_info["job_id"]))
-    if job is None:
-        return error(404, "unknown_job", "no such job")
-    body = await app[DB].read(lambda _: app[BLOBS].get(job.model_sha))
-    return web.Response(body=body, content_type="application/octet-stream",
-                        headers={"X-Fedsilo-Sha256": job.model_sha})
-
-
-@routes.get("/api/v1/sites")
-@operator("viewer")
-async def sites(request: web.Request) -> web.Response:
-    return json_response(await request.app[DB].read(lambda s: s.sites()))
-
-
-@routes.get("/api/v1/rejections")
-@operator("viewer")
-async def rejections(request: web.Request) -> web.Response:
-    return json_response(await request.app[DB].read(lambda s: s.rejections(request.query.get("job_id"), 1000)))
-
-
-@routes.get("/api/v1/quarantine")
-@operator("viewer")
-async def quarantine(request: web.Request) -> web.Response:
-    """Stored rows that failed their checks at start-up and were moved aside (their jobs failed with the reason)."""
-    return json_response(await request.app[DB].read(lambda s: s.quarantined(1000)))
-
-
-@routes.get("/api/v1/decisions")
-@operator("viewer")
-async def decisions(request: web.Request) -> web.Response:
-    """Every site's answer to every job offered to it (reasons, ε spent in that job): the console's site view."""
-    return json_response(await request.app[DB].read(lambda s: s.site_decisions(request.query.get("site"))))
-
-
-@routes.get("/api/v1/me")
-@operator("viewer")
-async def whoami(request: web.Request) -> web.Response:
-    """Who the caller is authenticated as, so a client can offer only what its role allows."""
-    who: Identity = request[OPERATOR]
-    return json_response({"name": who.name, "role": who.role})
-
-
-# ---------------------------------------------------------------- agents
-@routes.get("/api/v1/blobs/{sha}")
-async def get_blob(request: web.Request) -> web.Response:
-    """Global models only, to sites only: no one reads a site's update."""
-    app, sha = request.app, request.match_info["sha"]
-    who = authorize(request, "site")
-    if isinstance(who, Rejection):
-        return error(who.status, who.reason, who.detail)
-    if not await app[DB].read(lambda s: s.is_model(sha)):
-        return error(404, "unknown_model", "no global model with that hash")
-    body = await app[DB].read(lambda _: app[BLOBS].get(sha))
-    app[METRICS].bytes_sent.inc(len(body))
-    return web.Response(body=body, content_type="application/octet-stream")
-
-
-SiteHandler = Callable[[web.Request, str, str, int], Awaitable[web.Response]]
-
-
-def site_call(handler: SiteHandler) -> Handler:
-    """Site endpoints: the caller is the site its client certificate names (never a field of the body), and every
-    log line of the call carries its job, round and site."""
-
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        who = authorize(request, "site")
-        job_id, rnd = request.match_info["job_id"], _int(request.match_info["round"])
-        if isinstance(who, Rejection):
-            return await reject(request, who, None, job_id, rnd)
-        with structlog.contextvars.bound_contextvars(job=job_id, round=rnd, site=who.name):
-            return await handler(request, who.name, job_id, rnd)
-
-    return wrapped
-
-
-def malformed(reason: str, exc: ValidationError) -> Rejection:
-    return Rejection(reason, one_line(validation_errors(exc)))
-
-
-@routes.post("/api/v1/jobs/{job_id}/rounds/{round}/update")
-@site_call
-async def upload_update(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
-    app = request.app
-    if request.content_length is not None and request.content_length > app[MAX_UPLOAD]:
-        r = Rejection("too_large", f"body over {app[MAX_UPLOAD]} bytes", 413)
-        return await reject(request, r, site, job_id, rnd)
-    try:
-        env = UpdateEnvelope.model_validate_json(request.headers.get(ENVELOPE_HEADER, ""))
-    except ValidationError as exc:
-        return await reject(request, malformed("malformed_envelope", exc), site, job_id, rnd)
-    if env.site != site:
-        r = Rejection("identity_mismatch", f"authenticated as {site!r} but the envelope says {env.site!r}", 403)
-        return await reject(request, r, site, job_id, rnd)
-    if (env.job_id, env.round) != (job_id, rnd):
-        r = Rejection("envelope_mismatch", "the envelope's job/round differ from the URL's")
-        return await reject(request, r, site, job_id, rnd)
-    body = await read_body(request)
-    app[METRICS].bytes_received.inc(len(body))
-    try:
-        ack = await app[ENGINE].receive_update(site, env, body)
-    except Rejection as r:
-        return await reject(request, r, site, job_id, rnd)
-    response = json_response(ack)
-    if len(body) > CLOSE_AFTER_BYTES:
-        response.force_close()
-    return response
-
-
-@routes.post("/api/v1/jobs/{job_id}/rounds/{round}/evaluation")
-@site_call
-async def upload_evaluation(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
-    try:
-        report = EvaluationReport.model_validate_json(await read_body(request))
-    except ValidationError as exc:
-        return await reject(request, malformed("malformed_evaluation", exc), site, job_id, rnd)
-    if report.site != site or (report.job_id, report.round) != (job_id, rnd):
-        r = Rejection("identity_mismatch", "the report's site/job/round differ from the caller's", 403)
-        return await reject(request, r, site, job_id, rnd)
-    try:
-        return json_response(await request.app[ENGINE].receive_evaluation(site, report))
-    except Rejection as r:
-        return await reject(request, r, site, job_id, rnd)
-
-
 # ---------------------------------------------------------------- operations
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
@@ -421,21 +190,6 @@ async def metrics(request: web.Request) -> web.Response:
 @routes.get("/openapi.json")
 async def openapi_document(request: web.Request) -> web.Response:
     return json_response(openapi.document())
-
-
-MAX_ROUND = 1_000_000  # far beyond any job (JobSpec.rounds ≤ 10,000), well inside every store's integer column
-
-
-def _int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value <= MAX_ROUND:
-        detail = f"round must be an integer from 0 to {MAX_ROUND}"
-        raise web.HTTPBadRequest(text=json.dumps({"error": "bad_round", "detail": detail}),
-                                 content_type="application/json")
-    return value
 
 
 def metrics_app(registry_of: AggregatorMetrics) -> web.Application:

@@ -5,73 +5,34 @@ Every state change is written to the store before anything is announced, so a re
 Each job's current round, the sites that reported in it and each site's decision are also kept in memory
 (`aggregator.runner.JobRunner`), so an upload costs the same few store calls whatever the number of sites.
 What follows a round or a job (tracking, reports) is posted to `aggregator.jobevents` and never awaited here.
+This module is what calls into a job (submission, recovery, operator actions, site answers, uploads); the
+transitions between its rounds are in `aggregator.rounds`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
-from aggregator.blobs import BlobStore
-from aggregator.db import Db
-from aggregator.jobevents import JobEnded, JobEvent, JobResumed, RoundClosed
-from aggregator.metrics import AggregatorMetrics
-from aggregator.runner import ACTIVE, JobRunner, initial_weights, new_job_id, quorum_size, weighted
+from aggregator.jobevents import JobEnded, JobResumed
+from aggregator.rounds import RoundTransitions, nonce
+from aggregator.runner import ACTIVE, JobRunner, initial_weights, new_job_id
 from aggregator.store import JobRow, RoundRow, SiteDecision, UpdateRow
 from aggregator.strategies import make_strategy
 from aggregator.validation import Rejection, check_update
 from federation import topics
 from federation.faults import failpoint
 from federation.jobs import JobSpec
-from federation.messages import EvalMetrics, EvaluationReport, JobOffer, RoundTask, SiteEvent, UpdateEnvelope
-from federation.schema import Frozen
+from federation.messages import EvalMetrics, EvaluationReport, JobOffer, SiteEvent, UpdateEnvelope
 from federation.tensors import decode, encode
 
 log = structlog.get_logger(__name__)
 
 
-class Publisher(Protocol):
-    def publish(self, topic: str, payload: bytes, retain: bool = False) -> None: ...
-
-
-Signer = Callable[[Frozen], bytes]
-CLOSE_RETRY_S = 2.0  # after a failed attempt to close a round
-CLOSED_TTL_S = 30 * 86_400.0  # agents act on a "closed" notice even when late; the expiry is informative
-
-
-def nonce() -> str:
-    return secrets.token_hex(16)
-
-
-class RoundEngine:
-    def __init__(
-        self,
-        db: Db,
-        blobs: BlobStore,
-        publisher: Publisher,
-        signer: Signer,
-        metrics: AggregatorMetrics,
-        post: Callable[[JobEvent], None] | None = None,
-    ) -> None:
-        self._db = db
-        self._store = db.store
-        self._blobs = blobs
-        self._pub = publisher
-        self._sign = signer
-        self._metrics = metrics
-        self._runners: dict[str, JobRunner] = {}
-        # Uploads being validated and written at once (outside their job's lock): bounds the memory of decoded
-        # updates in flight.
-        self._ingest = asyncio.Semaphore(4)
-        # Told, without waiting, that a round closed or a job ended once that is durable (reports, tracking).
-        self._post = post or (lambda _event: None)
-
+class RoundEngine(RoundTransitions):
     # ---------------------------------------------------------------- lifecycle
     async def submit(self, spec: JobSpec, requester: str) -> str:
         job_id = new_job_id(spec.name)
@@ -315,193 +276,3 @@ class RoundEngine:
         if current.state != "open" or current.kind != kind:
             raise Rejection("round_not_open", f"round {rnd} is not an open {kind} round", 409)
         return current
-
-    # ---------------------------------------------------------------- round transitions
-    async def _maybe_start(self, runner: JobRunner) -> None:
-        if all(d != "offered" for d in runner.decisions.values()):
-            await self._start_or_fail(runner)
-
-    async def _accept_deadline(self, runner: JobRunner) -> None:
-        if runner.state == "offered":
-            await self._start_or_fail(runner)
-
-    async def _start_or_fail(self, runner: JobRunner) -> None:
-        if len(runner.active_sites) >= runner.spec.min_sites:
-            await self._open(runner, 1, "train")
-            return
-        decisions = await self._db(self._store.decisions, runner.job_id)  # with reasons, once, for the message
-        refused = "; ".join(
-            f"{d.site}: {', '.join(d.reasons) or d.decision}" for d in decisions if d.site not in runner.active_sites
-        )
-        await self._end(
-            runner, "failed",
-            f"only {len(runner.active_sites)} of {len(decisions)} sites accepted (min_sites "
-            f"{runner.spec.min_sites}); {refused}",
-        )
-
-    async def _open(self, runner: JobRunner, rnd: int, kind: str) -> None:
-        now = time.time()
-        deadline = now + runner.spec.round_deadline_s
-        await self._db(self._store.open_round, runner.job_id, rnd, kind, runner.model_sha, now, deadline)
-        runner.state = "running"
-        runner.round = RoundRow(runner.job_id, rnd, kind, "open", now, deadline, None, runner.model_sha, None, 0, 0,
-                                None)
-        runner.reported = set()
-        runner.strategy.reset(runner.global_weights)
-        self._announce(runner, runner.round)
-        self._arm(runner, runner.spec.round_deadline_s, self._round_deadline)
-        log.info("round_opened", job=runner.job_id, round=rnd, kind=kind, sites=len(runner.active_sites))
-
-    def _announce(self, runner: JobRunner, rnd: RoundRow) -> None:
-        task = self._sign(
-            RoundTask(
-                kind=rnd.kind,  # type: ignore[arg-type]
-                job_id=runner.job_id, round=rnd.round, model_sha256=rnd.model_in, deadline=rnd.deadline,
-                issued_at=time.time(), expires_at=rnd.deadline, nonce=nonce(),
-            )
-        )
-        for site in sorted(runner.active_sites):
-            self._pub.publish(topics.tasks(site, runner.job_id), task, retain=True)
-
-    async def _maybe_close(self, runner: JobRunner) -> None:
-        r = runner.round
-        if r is None or r.state != "open":
-            return
-        if runner.active_sites and len(runner.reported & runner.active_sites) >= quorum_size(runner):
-            await self._close(runner, r)
-        elif len(runner.active_sites) < runner.spec.min_sites and r.kind == "train":
-            await self._end(
-                runner, "failed",
-                f"round {r.round}: only {len(runner.active_sites)} sites still take part (min_sites "
-                f"{runner.spec.min_sites})",
-            )
-
-    async def _round_deadline(self, runner: JobRunner) -> None:
-        r = runner.round
-        if runner.state != "running" or r is None or r.state != "open":
-            return
-        missing = sorted(runner.active_sites - runner.reported)
-        log.warning("round_deadline", job=runner.job_id, round=r.round, reported=len(runner.reported),
-                    missing=missing)
-        if r.kind == "evaluate" or len(runner.reported) >= runner.spec.min_sites:
-            await self._close(runner, r)
-        else:
-            await self._end(
-                runner, "failed",
-                f"round {r.round} reached its deadline with {len(runner.reported)} of min_sites "
-                f"{runner.spec.min_sites} updates; missing: {', '.join(missing)}",
-            )
-
-    async def _close(self, runner: JobRunner, r: RoundRow) -> None:
-        """Close the round; when that fails (the blob store or the database is unreachable), try again shortly:
-        a round whose updates are all in must never stay open for want of a caller. Not raised to the caller: what
-        it acknowledged is durable already."""
-        try:
-            await self._close_once(runner, r)
-        except Exception:
-            log.exception("round_close_failed", job=runner.job_id, round=r.round, retry_in_s=CLOSE_RETRY_S)
-            self._arm(runner, CLOSE_RETRY_S, self._retry_close)
-
-    async def _retry_close(self, runner: JobRunner) -> None:
-        r = runner.round
-        if r is None or r.state != "open":
-            return
-        if r.kind == "train" and len(runner.reported) < runner.spec.min_sites:
-            # Not closeable yet (e.g. the failure came before quorum): wait for the deadline again.
-            self._arm(runner, max(r.deadline - time.time(), 0.0), self._round_deadline)
-            return
-        await self._close(runner, r)
-
-    async def _close_once(self, runner: JobRunner, r: RoundRow) -> None:
-        with structlog.contextvars.bound_contextvars(job=runner.job_id, round=r.round):
-            if runner.timer is not None and runner.timer is not asyncio.current_task():
-                runner.timer.cancel()
-            model_out: str | None = None
-            n_samples, loss = 0, None
-            ups: list[UpdateRow] = []
-            if r.kind == "train":
-                ups = await self._db(self._store.updates, runner.job_id, r.round)
-                n_samples = sum(u.num_samples for u in ups)
-                loss = sum(u.train_loss * u.num_samples for u in ups) / max(n_samples, 1)
-                new_weights = await asyncio.to_thread(runner.strategy.apply, runner.global_weights)
-                model_out = await self._db(self._blobs.put, encode(new_weights), "model")
-                failpoint("finalize_after_blob")
-            now = time.time()
-            await self._db(
-                self._store.close_round, runner.job_id, r.round, model_out, len(runner.reported), n_samples, loss, now
-            )
-            failpoint("finalize_after_commit")
-            runner.round = replace(r, state="closed", closed_at=now, model_out=model_out,
-                                   n_sites=len(runner.reported), n_samples=n_samples, train_loss=loss)
-            self._metrics.round_duration.labels(r.kind).observe(now - r.started_at)
-            if r.kind == "train":
-                assert model_out is not None
-                runner.global_weights, runner.model_sha = new_weights, model_out
-                self._metrics.rounds_completed.labels(runner.job_id).inc()
-            evals = (await self._db(self._store.evaluations, runner.job_id, r.round - 1)).get(r.round - 1, {})
-            self._global_gauges(runner, evals)
-            log.info("round_closed", kind=r.kind, sites=len(runner.reported), samples=n_samples,
-                     duration_s=round(now - r.started_at, 3))
-            self._post(RoundClosed(runner.job_id, runner.spec, r.round, tuple(ups), evals))
-            await self._after_close(runner, runner.round)
-
-    async def _after_close(self, runner: JobRunner, r: RoundRow) -> None:
-        if runner.paused and r.kind == "train":
-            log.info("job_paused_after_round", job=runner.job_id, round=r.round)
-            return
-        if r.kind == "evaluate":
-            await self._end(runner, "finished", "")
-        elif r.round < runner.spec.rounds:
-            await self._open(runner, r.round + 1, "train")
-        else:
-            await self._open(runner, r.round + 1, "evaluate")
-
-    async def _end(self, runner: JobRunner, state: str, reason: str) -> None:
-        """End the job: durable first, then the sites are told, then the follow-ups are posted (not awaited)."""
-        if runner.ended:
-            return
-        if runner.timer is not None and runner.timer is not asyncio.current_task():
-            runner.timer.cancel()
-        await self._db(self._store.set_job_state, runner.job_id, state, reason, time.time())
-        runner.state = state
-        now = time.time()
-        closed = self._sign(
-            RoundTask(kind="closed", job_id=runner.job_id, round=runner.round.round if runner.round else 0,
-                      state=state, reason=reason or None, issued_at=now, expires_at=now + CLOSED_TTL_S,
-                      nonce=nonce())
-        )
-        for site in runner.spec.sites:
-            self._pub.publish(topics.tasks(site, runner.job_id), closed, retain=True)
-            self._pub.publish(topics.offers(site, runner.job_id), b"", retain=True)  # clears the retained offer
-        self._runners.pop(runner.job_id, None)
-        (log.info if state == "finished" else log.warning)("job_ended", job=runner.job_id, state=state, reason=reason)
-        await self._refresh_job_gauge()
-        self._post(JobEnded(runner.job_id, state))
-
-    # ---------------------------------------------------------------- helpers
-    def _arm(self, runner: JobRunner, delay: float, fn: Callable[[JobRunner], Awaitable[None]]) -> None:
-        if runner.timer is not None:
-            runner.timer.cancel()
-
-        async def fire() -> None:
-            await asyncio.sleep(delay)
-            async with runner.lock:
-                runner.timer = None
-                if not runner.ended:
-                    await fn(runner)
-
-        runner.timer = asyncio.create_task(fire())
-
-    def _global_gauges(self, runner: JobRunner, evals: dict[str, EvalMetrics]) -> None:
-        if not evals:
-            return
-        g = weighted(evals)
-        if g.auc is not None:
-            self._metrics.global_auc.labels(runner.job_id).set(g.auc)
-        if g.loss is not None:
-            self._metrics.global_loss.labels(runner.job_id).set(g.loss)
-
-    async def _refresh_job_gauge(self) -> None:
-        counts = await self._db(self._store.count_jobs)
-        for state in ("offered", "running", "finished", "failed", "cancelled"):
-            self._metrics.jobs.labels(state).set(counts.get(state, 0))

@@ -8,7 +8,7 @@ import os
 import structlog
 from aiohttp import web
 
-from aggregator import api
+from aggregator import api, api_operators, api_sites
 from aggregator.blobs import open_blobs
 from aggregator.config import AggregatorConfig
 from aggregator.console import add_console
@@ -56,7 +56,8 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     internal: list[web.AppRunner] = []
     app[api.REJECTIONS] = api.RejectionLog()
     app[api.TOKENS] = cfg.operators
-    app.add_routes(api.routes)
+    for table in (api.routes, api_operators.routes, api_sites.routes):
+        app.add_routes(table)
     add_console(app)  # static files only; the page reads everything through the API above
 
     async def startup(_: web.Application) -> None:
