@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from fedsilo.client import AggregatorClient
+from fedsilo.client import AggregatorClient, AggregatorUnreachableError
 
 ENDED = ("finished", "failed", "cancelled")
 
@@ -49,9 +49,21 @@ def table(summary: dict[str, Any]) -> Table:
     return t
 
 
+def _poll(client: AggregatorClient, job_id: str, patience: float = 30.0) -> dict[str, Any]:
+    """The job's summary; an aggregator that restarts (it resumes every job) is waited for up to `patience` s."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return client.job(job_id)
+        except AggregatorUnreachableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def watch(client: AggregatorClient, job_id: str, interval: float = 0.5, timeout: float = 3600) -> dict[str, Any]:
     """Follow a job until it ends; a live table on a terminal, one line per finished round otherwise."""
-    console = Console(stderr=False)
+    console = Console(stderr=False, soft_wrap=True)
     deadline = time.monotonic() + timeout
     printed = 0
     summary = client.job(job_id)
@@ -59,7 +71,7 @@ def watch(client: AggregatorClient, job_id: str, interval: float = 0.5, timeout:
         with Live(table(summary), console=console, refresh_per_second=4) as live:
             while summary["state"] not in ENDED and time.monotonic() < deadline:
                 time.sleep(interval)
-                summary = client.job(job_id)
+                summary = _poll(client, job_id)
                 live.update(table(summary))
         return summary
     print("round  sites  train_loss  val_auc  val_loss  round_s   (val_*: global model on each site's "
@@ -71,4 +83,4 @@ def watch(client: AggregatorClient, job_id: str, interval: float = 0.5, timeout:
         if summary["state"] in ENDED or time.monotonic() > deadline:
             return summary
         time.sleep(interval)
-        summary = client.job(job_id)
+        summary = _poll(client, job_id)
