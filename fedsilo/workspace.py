@@ -168,8 +168,10 @@ class Workspace:
 
 # ---------------------------------------------------------------------- ports
 def port_in_use(port: int, host: str = HOST) -> bool:
-    """Whether something listens on `port` (or holds it so that we could not bind it)."""
+    """Whether another process holds `port` as our servers would bind it (with SO_REUSEADDR, as aiohttp and
+    Mosquitto do: connections of a server just stopped, in TIME_WAIT, do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -215,6 +215,8 @@ def _ago(at: float | None) -> str:
 @client_options
 def sites(url: str, ca: Path | None, cert: Path | None, key: Path | None) -> None:
     """List the sites the aggregator knows: online or not, last seen, jobs, ε spent over all jobs."""
+    from fedsilo.progress import ENDED
+
     client = make_client(url, ca, cert, key)
     rows = client.sites()
     decisions = client.decisions()
@@ -223,7 +225,7 @@ def sites(url: str, ca: Path | None, cert: Path | None, key: Path | None) -> Non
         mine = [d for d in decisions if d["site"] == s["site"]]
         accepted = sum(d["decision"] == "accepted" for d in mine)
         refused = sum(d["decision"] == "refused" for d in mine)
-        active = len(s.get("active_jobs") or [])
+        active = sum(d["decision"] == "accepted" and d.get("job_state") not in ENDED for d in mine)
         spent = [d["epsilon_spent"] for d in mine if d.get("epsilon_spent") is not None]
         jobs = f"{accepted} accepted, {refused} refused, {active} active"
         eps = f"{sum(spent):.2f}" if spent else "—"

@@ -7,6 +7,7 @@ import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
@@ -183,7 +184,7 @@ def test_policy_defaults_are_the_examples_shared_limits() -> None:
 
 
 def test_site_names_follow_the_job_models_rule() -> None:
-    assert SITE_NAME.pattern == SiteName.__metadata__[0].metadata[0].pattern
+    assert SITE_NAME.pattern == get_args(SiteName)[1].metadata[0].pattern
 
 
 def test_broker_config_refuses_bad_sites_and_overwrites_only_with_force(tmp_path: Path) -> None:
