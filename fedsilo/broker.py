@@ -98,7 +98,8 @@ def mosquitto_config(
 ) -> str:
     """mosquitto.conf for one listener: mutual TLS with the certificate CN as username and the ACL file, or plain
     anonymous MQTT for tests without TLS. `fedsilo broker config` and the local launcher both write this text;
-    the aggregator chart's ConfigMap carries the same settings (`deploy/helm/aggregator/templates/mosquitto.yaml`).
+    the aggregator chart's ConfigMap has the same listener, TLS and ACL settings
+    (`deploy/helm/aggregator/templates/mosquitto.yaml`).
     """
     lines = [f"user {run_as}"] if run_as is not None else []
     lines += [
@@ -215,9 +216,17 @@ class MosquittoBroker:
     def config_text(self) -> str:
         return mosquitto_config(
             host=self._host, port=self._port, persistence_dir=self.workdir, log_dest=f"file {self.log_file}",
-            tls=self.tls, acl_file=self.acl_file, autosave_interval=1,
-            run_as=run_as(self.tls.keyfile if self.tls is not None else self.workdir),
+            tls=self.tls, acl_file=self.acl_file, autosave_interval=1, run_as=self._run_as(),
         )
+
+    def _run_as(self) -> str | None:
+        """The owner of the key (or of the working directory without TLS); before they exist, whoever runs this.
+        None for an account without a name: `user` matters only when started as root, and root has one."""
+        owned = self.tls.keyfile if self.tls is not None else self.workdir
+        try:
+            return run_as(owned) if owned.exists() else pwd.getpwuid(os.geteuid()).pw_name
+        except (BrokerError, KeyError):
+            return None
 
     # -- process ---------------------------------------------------------------------------------------
     @property

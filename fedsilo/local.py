@@ -36,7 +36,7 @@ from fedsilo.workspace import (
 )
 
 EXAMPLE_POLICIES = Path(__file__).resolve().parent.parent / "policies" / "examples"
-# How long `stop` waits after SIGTERM before SIGKILL. The services stop in well under 2 s (README, "Shutdown").
+# How long `stop` waits after SIGTERM before SIGKILL. The services stop in well under 2 s (README, "The CLI").
 STOP_GRACE_S = 10.0
 
 

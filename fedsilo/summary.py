@@ -6,6 +6,7 @@ Printed without wrapping, so that paths stay whole in a file or a pipe.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +70,11 @@ def exit_code(summary: dict[str, Any]) -> int:
     if summary["state"] == "finished":
         return 0
     return 1 if summary["state"] in ("failed", "cancelled") else 2
+
+
+def ago(at: float | None) -> str:
+    """How long ago a timestamp was, in the unit that reads best."""
+    if not at:
+        return "never"
+    s = max(0.0, time.time() - at)
+    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.0f}h ago"

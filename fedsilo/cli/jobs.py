@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -204,18 +203,12 @@ def job_import_fedml(config_file: Path, sites: tuple[str, ...], template: Path |
         click.echo(f"wrote {out} (a valid fedsilo job: check it with `fedsilo policy explain POLICY {out}`)")
 
 
-def _ago(at: float | None) -> str:
-    if not at:
-        return "never"
-    s = max(0.0, time.time() - at)
-    return f"{s:.0f}s ago" if s < 120 else f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.0f}h ago"
-
-
 @main.command("sites")
 @client_options
 def sites(url: str, ca: Path | None, cert: Path | None, key: Path | None) -> None:
     """List the sites the aggregator knows: online or not, last seen, jobs, ε spent over all jobs."""
     from fedsilo.progress import ENDED
+    from fedsilo.summary import ago
 
     client = make_client(url, ca, cert, key)
     rows = client.sites()
@@ -229,7 +222,7 @@ def sites(url: str, ca: Path | None, cert: Path | None, key: Path | None) -> Non
         spent = [d["epsilon_spent"] for d in mine if d.get("epsilon_spent") is not None]
         jobs = f"{accepted} accepted, {refused} refused, {active} active"
         eps = f"{sum(spent):.2f}" if spent else "—"
-        click.echo(f"{s['site']:<20} {s['state']:<8} {_ago(s.get('at')):<10} {jobs:<34} {eps:>8}")
+        click.echo(f"{s['site']:<20} {s['state']:<8} {ago(s.get('at')):<10} {jobs:<34} {eps:>8}")
     if not rows:
         click.echo("(no site has connected yet)")
 

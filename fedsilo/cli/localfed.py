@@ -95,6 +95,7 @@ def local_status(workspace: Path) -> None:
     """Show each process of the local federation and each site as the aggregator sees it."""
     from fedsilo.client import ClientError
     from fedsilo.local import LocalFederation
+    from fedsilo.summary import ago
 
     fed = LocalFederation.open(workspace)
     alive = {r.name: r.pid for r in fed.running()}
@@ -113,15 +114,13 @@ def local_status(workspace: Path) -> None:
         click.echo(f"sites: {exc}")
         return
     click.echo("sites (as the aggregator sees them):")
-    from fedsilo.cli.jobs import _ago
-
     for site in fed.sites:
         s = rows.get(site)
         if s is None:
             click.echo(f"  {site:<24} never connected")
         else:
             active = ", ".join(s.get("active_jobs") or []) or "no active job"
-            click.echo(f"  {site:<24} {s['state']:<8} last seen {_ago(s.get('at'))}; {active}")
+            click.echo(f"  {site:<24} {s['state']:<8} last seen {ago(s.get('at'))}; {active}")
     click.echo(f"jobs: {len(jobs)}" + "".join(f"\n  {j['job_id']:<40} {j['state']:<10} round {j['round']}/{j['rounds']}"
                                           for j in jobs[:10]))
 
