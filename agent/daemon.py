@@ -131,7 +131,10 @@ class Agent:
         await self._link.start()
         runner: web.AppRunner | None = None
         if self.cfg.status_port is not None:
-            runner = web.AppRunner(status_app(self.metrics, self._link.connected.is_set), access_log=None)
+            # aiohttp waits up to `shutdown_timeout` (60 s by default) for requests in flight at shutdown; a
+            # scrape that hangs must not hold up a SIGTERM.
+            runner = web.AppRunner(status_app(self.metrics, self._link.connected.is_set), access_log=None,
+                                   shutdown_timeout=self.cfg.shutdown_grace_s)
             await runner.setup()
             await web.TCPSite(runner, self.cfg.status_host, self.cfg.status_port).start()
         log.info("agent_started", broker=self.endpoints[0], aggregator=str(self.cfg.aggregator_url),
@@ -140,6 +143,9 @@ class Agent:
         await stop.wait()
         for w in workers:
             w.cancel()
+        # A round being trained in a worker thread is not waited for: it has released nothing yet (the ledger is
+        # written on this thread once training returns), and its retained task brings it back after a restart.
+        await asyncio.gather(*workers, return_exceptions=True)
         offline = SiteStatus(site=self.site, state="offline", at=time.time(), version=VERSION)
         await self._link.stop(final=(topics.status(self.site), canonical_json(offline)))
         await self._gate.close()
@@ -412,4 +418,11 @@ def run_agent(cfg: AgentConfig) -> None:
                 loop.add_signal_handler(sig, stop.set)
         await agent.run(stop)
 
-    asyncio.run(main())
+    # Not `asyncio.run`: at exit it joins the default executor's threads, i.e. waits for a local training step in
+    # flight, which `Agent.run` deliberately abandons (see there). Everything durable is closed by `run`.
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+        loop.run_until_complete(loop.shutdown_asyncgens())
+    finally:
+        loop.close()

@@ -16,12 +16,17 @@ from federation.transport import BrokerConfig, TLSConfig
 
 
 class AggregatorConfig(Frozen):
+    # Address and port of the HTTPS API, console and /metrics.
     host: str = "127.0.0.1"
     port: int = Field(default=8443, ge=0, le=65535)
-    state_url: str = "sqlite:////var/fedsilo/aggregator/state.db"  # sqlite:///REL or sqlite:////ABS, as SQLAlchemy
-    blob_url: str = "file:///var/fedsilo/aggregator/blobs"  # or s3://BUCKET/PREFIX (settings in blob_s3)
+    # State store: sqlite:///REL or sqlite:////ABS (as SQLAlchemy), or postgresql://user@host/db.
+    state_url: str = "sqlite:////var/fedsilo/aggregator/state.db"
+    # Blob store for models and updates: file:///ABS, file://REL, or s3://BUCKET/PREFIX (settings in blob_s3).
+    blob_url: str = "file:///var/fedsilo/aggregator/blobs"
     blob_s3: S3BlobConfig = S3BlobConfig()
+    # Each finished job's report (HTML, metrics, plots, final model) goes to <report_dir>/<job id>/.
     report_dir: Path = Path("/var/fedsilo/aggregator/reports")
+    # The MQTT broker jobs and tasks are published on.
     broker: BrokerConfig = BrokerConfig(port=8883)
     # Server certificate and key, and the CA that site and operator client certificates must chain to.
     # Also used to connect to the broker unless `broker.tls` is given. Required to serve.
@@ -55,6 +60,10 @@ class AggregatorConfig(Frozen):
     tracking: TrackingConfig = TrackingConfig()
     # Operator bearer tokens (sha256 only) for the console and scripts; operator certificates also work.
     operators: tuple[OperatorToken, ...] = ()
+    # On SIGTERM, how long requests in flight may take to finish before their connections are closed. An update
+    # cut off is not acknowledged, so its agent sends it again; an acknowledged one is already durable.
+    shutdown_grace_s: float = Field(default=1.0, ge=0, le=60)
+    # JSON log lines (None: JSON unless stderr is a terminal).
     log_json: bool | None = None
 
     @classmethod

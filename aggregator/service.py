@@ -99,6 +99,9 @@ def serve(cfg: AggregatorConfig) -> None:
     # Certificates are optional at the handshake (health probes and Prometheus need none) but verified when
     # presented; every site and operator endpoint then requires one (`api.authorize`).
     ssl_ctx = cfg.tls.server_context(require_client_cert=False)
+    # On SIGTERM aiohttp waits up to `shutdown_timeout` (60 s by default) for requests in flight, e.g. an upload a
+    # site is still sending; such an update is not acknowledged yet, so the site resends it after the restart.
     web.run_app(app, host=cfg.host, port=cfg.port, ssl_context=ssl_ctx, print=None, access_log=None,
-                keepalive_timeout=cfg.http_keepalive_s,
+                keepalive_timeout=cfg.http_keepalive_s, shutdown_timeout=cfg.shutdown_grace_s,
                 handle_signals=True)
+    log.info("aggregator_stopped")

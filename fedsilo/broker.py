@@ -6,8 +6,10 @@ broker would; TLS (with client certificates as identities) and an ACL file are s
 Mosquitto facts this relies on (2.0.x):
 - it saves its in-memory state to `persistence_location` on a clean stop (SIGTERM) and, with
   `autosave_interval 1`, about once a second; a SIGKILL (`kill()`) can therefore lose the last second;
-- started as root it switches to the user `mosquitto` unless the config says `user root`, and that user
-  cannot read a root-owned working directory, so the config says `user root` when we are root;
+- started as root it switches to the user named by `user` (default `mosquitto`, who cannot read our 0600 keys or
+  a root-owned working directory); started as anyone else it ignores `user`. The config therefore names the
+  owner of the broker's key file (`run_as`): run by that owner, or by root, Mosquitto reads its keys as their
+  owner, and nothing needs to be made readable by another account;
 - with `per_listener_settings true`, `allow_anonymous`, the TLS files and `acl_file` apply to the listener
   they follow, so they are written after the `listener` line;
 - it opens a listener's socket before loading its TLS files, so a port that accepts connections is not yet a
@@ -18,6 +20,7 @@ Mosquitto facts this relies on (2.0.x):
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 import signal
@@ -31,14 +34,16 @@ from types import TracebackType
 from typing import IO
 
 from federation import topics
+from fedsilo.errors import FedsiloError
 from fedsilo.netutil import free_port
+from fedsilo.processes import ProcessTable
 
-__all__ = ["BrokerError", "BrokerTLS", "MosquittoBroker", "acl_for", "find_mosquitto"]
+__all__ = ["BrokerError", "BrokerTLS", "MosquittoBroker", "acl_for", "find_mosquitto", "mosquitto_config", "run_as"]
 
 _SEARCH_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/mosquitto")
 
 
-class BrokerError(RuntimeError):
+class BrokerError(FedsiloError, RuntimeError):
     pass
 
 
@@ -77,6 +82,57 @@ def acl_for(sites: Iterable[str], aggregator: str = "aggregator") -> str:
     return "\n".join(lines)
 
 
+def run_as(path: Path) -> str:
+    """The user Mosquitto should run as to read `path` (its key file): the file's owner."""
+    uid = path.stat().st_uid
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:  # an owner without a passwd entry (e.g. a container's arbitrary UID): the number is refused
+        raise BrokerError(f"{path} is owned by uid {uid}, which has no user name for Mosquitto's `user` option; "
+                          "run as that user, or give the file to a named user") from None
+
+
+def mosquitto_config(
+    *, host: str, port: int, persistence_dir: Path, log_dest: str, tls: BrokerTLS | None, acl_file: Path | None,
+    run_as: str | None, autosave_interval: int = 10,
+) -> str:
+    """mosquitto.conf for one listener: mutual TLS with the certificate CN as username and the ACL file, or plain
+    anonymous MQTT for tests without TLS. `fedsilo broker config` and the local launcher both write this text;
+    the aggregator chart's ConfigMap has the same listener, TLS and ACL settings
+    (`deploy/helm/aggregator/templates/mosquitto.yaml`).
+    """
+    lines = [f"user {run_as}"] if run_as is not None else []
+    lines += [
+        "per_listener_settings true",
+        "persistence true",
+        f"persistence_location {persistence_dir}/",  # mosquitto appends the file name: the slash matters
+        "persistence_file mosquitto.db",
+        f"autosave_interval {autosave_interval}",
+        f"log_dest {log_dest}",
+        "log_type error",
+        "log_type warning",
+        "log_type notice",
+        "log_type information",  # for the "running" line `start` waits for (and a save line when state changed)
+        "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+        "max_queued_messages 10000",
+        f"listener {port} {host}",
+    ]
+    if tls is None:
+        lines.append("allow_anonymous true")
+    else:
+        lines += [
+            f"cafile {tls.cafile}",
+            f"certfile {tls.certfile}",
+            f"keyfile {tls.keyfile}",
+            f"require_certificate {'true' if tls.require_certificate else 'false'}",
+            f"use_identity_as_username {'true' if tls.use_identity_as_username else 'false'}",
+            "allow_anonymous false" if tls.require_certificate else "allow_anonymous true",
+        ]
+    if acl_file is not None:
+        lines.append(f"acl_file {acl_file}")
+    return "\n".join(lines) + "\n"
+
+
 def find_mosquitto() -> Path:
     """The `mosquitto` binary: on PATH, else where Debian puts it (/usr/sbin is not on a normal user's PATH)."""
     found = shutil.which("mosquitto") or next((p for p in _SEARCH_PATHS if os.access(p, os.X_OK)), None)
@@ -104,13 +160,20 @@ class MosquittoBroker:
     """
 
     def __init__(
-        self, workdir: Path, port: int | None = None, tls: BrokerTLS | None = None, acl_file: Path | None = None
+        self, workdir: Path, port: int | None = None, tls: BrokerTLS | None = None, acl_file: Path | None = None,
+        *, processes: ProcessTable | None = None, detach: bool = False, write_config: bool = True,
     ) -> None:
+        """`processes`: record the broker's pid there (for `fedsilo local status|down`); `detach`: in a session of
+        its own, so that it outlives the command that started it; `write_config=False`: start from the
+        mosquitto.conf already in `workdir` (written by `fedsilo local init`, perhaps reviewed since)."""
         self.workdir = workdir.resolve()
         self._host = "127.0.0.1"
         self._port = port if port is not None else free_port(self._host)
         self.tls = tls
         self.acl_file = acl_file.resolve() if acl_file is not None else None
+        self._processes = processes
+        self._detach = detach
+        self._write_config = write_config
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: IO[bytes] | None = None
 
@@ -151,37 +214,19 @@ class MosquittoBroker:
         return "\n".join(parts) or "(no broker output)"
 
     def config_text(self) -> str:
-        lines = [
-            "per_listener_settings true",
-            "persistence true",
-            f"persistence_location {self.workdir}/",  # mosquitto appends the file name: the slash matters
-            "persistence_file mosquitto.db",
-            "autosave_interval 1",
-            f"log_dest file {self.log_file}",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",  # for the "running" line `start` waits for (and a save line when state changed)
-            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
-            "max_queued_messages 10000",
-        ]
-        if os.geteuid() == 0:
-            lines.insert(0, "user root")  # otherwise mosquitto drops to `mosquitto`, who cannot read workdir
-        lines.append(f"listener {self._port} {self._host}")
-        if self.tls is None:
-            lines.append("allow_anonymous true")
-        else:
-            lines += [
-                f"cafile {self.tls.cafile}",
-                f"certfile {self.tls.certfile}",
-                f"keyfile {self.tls.keyfile}",
-                f"require_certificate {'true' if self.tls.require_certificate else 'false'}",
-                f"use_identity_as_username {'true' if self.tls.use_identity_as_username else 'false'}",
-                "allow_anonymous false" if self.tls.require_certificate else "allow_anonymous true",
-            ]
-        if self.acl_file is not None:
-            lines.append(f"acl_file {self.acl_file}")
-        return "\n".join(lines) + "\n"
+        return mosquitto_config(
+            host=self._host, port=self._port, persistence_dir=self.workdir, log_dest=f"file {self.log_file}",
+            tls=self.tls, acl_file=self.acl_file, autosave_interval=1, run_as=self._run_as(),
+        )
+
+    def _run_as(self) -> str | None:
+        """The owner of the key (or of the working directory without TLS); before they exist, whoever runs this.
+        None for an account without a name: `user` matters only when started as root, and root has one."""
+        owned = self.tls.keyfile if self.tls is not None else self.workdir
+        try:
+            return run_as(owned) if owned.exists() else pwd.getpwuid(os.geteuid()).pw_name
+        except (BrokerError, KeyError):
+            return None
 
     # -- process ---------------------------------------------------------------------------------------
     @property
@@ -204,7 +249,8 @@ class MosquittoBroker:
         if _accepts(self._host, self._port):
             raise BrokerError(f"port {self._port} on {self._host} is already in use by another process")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config_file.write_text(self.config_text())
+        if self._write_config or not self.config_file.exists():
+            self.config_file.write_text(self.config_text())
         log_start = self.log_file.stat().st_size if self.log_file.exists() else 0  # the log spans restarts
         self._stderr = self.stderr_file.open("ab")
         self._proc = subprocess.Popen(
@@ -213,7 +259,10 @@ class MosquittoBroker:
             stdout=self._stderr,
             stderr=self._stderr,
             cwd=self.workdir,
+            start_new_session=self._detach,
         )
+        if self._processes is not None:
+            self._processes.record("broker", self._proc.pid)
         deadline = time.monotonic() + timeout
         while True:
             code = self._proc.poll()
@@ -264,6 +313,8 @@ class MosquittoBroker:
         self.start(timeout)
 
     def _reap(self) -> None:
+        if self._proc is not None and self._processes is not None:
+            self._processes.forget("broker")
         self._proc = None
         if self._stderr is not None:
             self._stderr.close()

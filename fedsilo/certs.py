@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,21 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 ROLES = ("site", "aggregator", "broker", "operator")
 VALID_DAYS = 825
+# A site's name is its certificate's CN, its MQTT username (the broker ACL keys on it) and a segment of its topics,
+# and jobs list it: the pattern of `federation.jobs.SiteName`, which also keeps MQTT wildcards, `/` and spaces out.
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9\-]{0,62}$")
 
 
 class CertError(Exception):
     pass
+
+
+def check_site_name(name: str) -> str:
+    """`name` if it can be a site's certificate CN, topic segment and job entry; CertError saying why not."""
+    if not SITE_NAME.fullmatch(name):
+        raise CertError(f"{name!r} is not a valid site name (certificate CN and MQTT topic segment): use 1 to 63 "
+                        "lowercase letters, digits and '-', starting with a letter or digit")
+    return name
 
 
 @dataclass(frozen=True)
@@ -103,6 +115,8 @@ class Pki:
         """Issue a certificate for `name` in `role`; servers (aggregator, broker) get `hosts` as SANs."""
         if role not in ROLES:
             raise CertError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
+        if role == "site":
+            check_site_name(name)
         if not self.ca_key.exists():
             raise CertError(f"no CA in {self.root}; run `fedsilo certs init` first")
         out = self.issued(role, name)

@@ -106,3 +106,53 @@ def synthetic_tabular(n_rows: int, seed: int, shift: float = 0.0) -> pd.DataFram
     frame.loc[rng.random(n_rows) < 0.05, "x2"] = np.nan
     frame.loc[rng.random(n_rows) < 0.05, "color"] = None
     return frame
+
+
+# Three clinics of a made-up post-surgery outcome study: another schema and target rule than heart disease (a
+# three-valued text outcome of which one value is positive), for `fedsilo data synthetic`, the README's "Your own
+# data" walk-through and the local-federation test. Each clinic has its own case mix (non-IID sites).
+CLINICS: dict[str, dict[str, float]] = {
+    "north": {"age": 62.0, "emergency": 0.25, "onco": 0.20, "seed": 101},
+    "south": {"age": 55.0, "emergency": 0.45, "onco": 0.10, "seed": 202},
+    "east": {"age": 68.0, "emergency": 0.30, "onco": 0.35, "seed": 303},
+}
+WARDS = ("cardio", "ortho", "onco", "general")
+
+
+def clinic_frame(site: str, n_rows: int) -> pd.DataFrame:
+    """One clinic's records: `patient_id`, numeric age, BMI (some missing), length of stay and prior admissions,
+    categorical ward, smoker and admission type, and `outcome` (relapse / stable / remission)."""
+    mix = CLINICS[site]
+    rng = np.random.default_rng(int(mix["seed"]))
+    age = np.clip(rng.normal(mix["age"], 12.0, n_rows), 18, 99).round()
+    bmi = np.clip(rng.normal(27.0, 5.0, n_rows), 15, 55).round(1)
+    stay = rng.gamma(2.0, 2.5, n_rows).round(1)
+    prior = rng.poisson(1.2, n_rows)
+    onco, rest = mix["onco"], (1 - mix["onco"]) / 3
+    ward = rng.choice(WARDS, size=n_rows, p=[rest, rest, onco, rest])
+    smoker = rng.choice(["never", "former", "current"], size=n_rows, p=[0.5, 0.3, 0.2])
+    admission = np.where(rng.random(n_rows) < mix["emergency"], "emergency", "elective")
+    logit = (0.04 * (age - 60) + 0.06 * (bmi - 27) + 0.15 * stay + 0.35 * prior - 2.3
+             + np.select([ward == "onco", ward == "cardio"], [1.0, 0.4], 0.0)
+             + np.where(smoker == "current", 0.7, np.where(smoker == "former", 0.2, 0.0))
+             + np.where(admission == "emergency", 0.6, 0.0))
+    relapse = rng.random(n_rows) < 1 / (1 + np.exp(-logit))
+    outcome = np.where(relapse, "relapse", rng.choice(["stable", "remission"], size=n_rows))
+    frame = pd.DataFrame({
+        "patient_id": [f"{site[0].upper()}{i:05d}" for i in range(n_rows)], "age": age.astype(int), "bmi": bmi,
+        "length_of_stay": stay, "prior_admissions": prior, "ward": ward, "smoker": smoker,
+        "admission": admission, "outcome": outcome,
+    })
+    frame.loc[rng.random(n_rows) < 0.05, "bmi"] = np.nan
+    frame.loc[rng.random(n_rows) < 0.03, "smoker"] = None
+    return frame
+
+
+def write_clinics(out_dir: Path, n_rows: int = 300) -> dict[str, Path]:
+    """`<out_dir>/<clinic>.csv` for each of the three clinics (deterministic)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for site in CLINICS:
+        paths[site] = out_dir / f"{site}.csv"
+        _atomic_csv(clinic_frame(site, n_rows), paths[site])
+    return paths

@@ -1,14 +1,15 @@
 """A whole federation on one machine: a private Mosquitto, the aggregator and one agent process per site.
 
-Used by `fedsilo demo`, the integration tests and the benchmarks, so all three run the real thing: separate
-OS processes talking MQTT and HTTPS over loopback with mutual TLS, a per-site broker ACL, signed jobs, and
-each agent governed by its own site policy and seeing only its own data file.
+One launcher for `fedsilo local up|status|down`, `fedsilo demo`, the integration tests and the benchmarks, so all
+of them run the real thing: separate OS processes talking MQTT and HTTPS over loopback with mutual TLS, a per-site
+broker ACL, signed jobs, and each agent governed by its own site policy and seeing only its own data file. The
+files it runs from are a `Workspace` (`fedsilo/workspace.py`); the processes it starts are recorded by pid file, so
+a later command (`status`, `down`) finds them again.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,15 +19,25 @@ from typing import Any
 
 import yaml
 
-from aggregator.auth import new_token
 from federation.transport import TLSConfig
-from fedsilo.broker import BrokerTLS, MosquittoBroker, acl_for
-from fedsilo.certs import Pki, local_pki
-from fedsilo.client import AggregatorClient
-from fedsilo.netutil import free_port
+from fedsilo.broker import MosquittoBroker
+from fedsilo.certs import Pki
+from fedsilo.client import AggregatorClient, ClientError
+from fedsilo.processes import Recorded, Stopped
 from fedsilo.progress import ENDED
+from fedsilo.workspace import (
+    HOST,
+    LocalError,
+    Manifest,
+    Workspace,
+    allocate_ports,
+    ports_in_use,
+    write_workspace,
+)
 
 EXAMPLE_POLICIES = Path(__file__).resolve().parent.parent / "policies" / "examples"
+# How long `stop` waits after SIGTERM before SIGKILL. The services stop in well under 2 s (README, "The CLI").
+STOP_GRACE_S = 10.0
 
 
 def example_policy(site: str, datasets: dict[str, Path]) -> dict[str, Any]:
@@ -49,107 +60,102 @@ class LocalFederation:
         log_level: str = "INFO",
         aggregator_extra: dict[str, Any] | None = None,
     ) -> None:
-        """`policies` maps each site to its policy (as a dict); an empty `egress.allowed_endpoints` is filled
-        with this federation's broker and aggregator. `extra_identities` get site certificates and ACL
-        entries without an agent (participants played by tests)."""
-        self.workdir = workdir.resolve()
+        """Write a workspace for these sites into `workdir` (PKI reused, everything else rewritten) and open it.
+
+        `policies` maps each site to its policy (as a dict); an empty `egress.allowed_endpoints` is filled with
+        this federation's broker and aggregator. `extra_identities` get site certificates and ACL entries without
+        an agent (participants played by tests)."""
+        ws = Workspace(workdir)
+        manifest = Manifest(sites=list(policies), participants=list(extra_identities),
+                            ports=allocate_ports(policies), heartbeat_s=heartbeat_s, log_level=log_level)
+        write_workspace(ws, manifest, policies, aggregator_extra=aggregator_extra)
+        self._attach(ws, manifest, policies, detach=False)
+
+    @classmethod
+    def open(cls, root: Path, *, detach: bool = False) -> LocalFederation:
+        """The federation of an existing workspace, as written (nothing is regenerated). With `detach` the
+        processes it starts run in sessions of their own and outlive this Python process (`fedsilo local up`)."""
+        ws = Workspace(root)
+        manifest = ws.load()
+        policies = {s: yaml.safe_load(ws.policy_file(s).read_text()) for s in manifest.sites}
+        fed = cls.__new__(cls)
+        fed._attach(ws, manifest, policies, detach=detach)
+        return fed
+
+    def _attach(self, ws: Workspace, manifest: Manifest, policies: dict[str, dict[str, Any]], detach: bool) -> None:
+        self.workspace = ws
+        self.workdir = ws.root
+        self.manifest = manifest
         self.policies = policies
-        self.sites = list(policies)
-        self.heartbeat_s = heartbeat_s
-        self.log_level = log_level
-        self._agg_extra = aggregator_extra or {}
-        for sub in ("config", "logs", "state"):
-            (self.workdir / sub).mkdir(parents=True, exist_ok=True)
-        self.pki: Pki = local_pki(self.workdir / "pki", [*self.sites, *extra_identities])
-        acl = self.workdir / "config" / "broker.acl"
-        acl.write_text(acl_for([*self.sites, *extra_identities]))
-        broker_id = self.pki.issued("broker", "broker")
-        self.broker = MosquittoBroker(
-            self.workdir / "broker", tls=BrokerTLS(self.pki.ca_cert, broker_id.cert, broker_id.key), acl_file=acl
-        )
-        self.agg_port = free_port()
-        self.url = f"https://127.0.0.1:{self.agg_port}"
+        self.sites = list(manifest.sites)
+        self.heartbeat_s = manifest.heartbeat_s
+        self.log_level = manifest.log_level
+        self.detach = detach
+        self.processes = ws.processes
+        self.pki: Pki = ws.pki
+        self.broker = MosquittoBroker(ws.broker_dir, manifest.ports.broker, tls=ws.broker_tls(), acl_file=ws.acl_file,
+                                      processes=self.processes, detach=detach, write_config=False)
+        self.agg_port = manifest.ports.aggregator
+        self.url = f"https://{HOST}:{self.agg_port}"
         self.client = AggregatorClient(self.url, self.tls("operator", "operator").client_context())
         # Bearer tokens for the console and for role tests: name -> (role, token).
-        self.tokens: dict[str, tuple[str, str]] = {}
-        self._token_config = []
-        for name, role in (("ops-admin", "admin"), ("ops-viewer", "viewer")):
-            token, digest = new_token()
-            self.tokens[name] = (role, token)
-            self._token_config.append({"name": name, "role": role, "token_sha256": digest})
+        self.tokens: dict[str, tuple[str, str]] = ws.tokens()
         self.aggregator: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
-        self.status_ports: dict[str, int] = {}
+        self.status_ports: dict[str, int] = dict(manifest.ports.status)
 
     def tls(self, role: str, name: str) -> TLSConfig:
         issued = self.pki.issued(role, name)
         return TLSConfig(ca_file=self.pki.ca_cert, cert_file=issued.cert, key_file=issued.key)
 
-    def _tls_dict(self, role: str, name: str) -> dict[str, str]:
-        return {k: str(v) for k, v in self.tls(role, name).model_dump().items()}
-
     # ---------------------------------------------------------------- configs
     @property
     def report_dir(self) -> Path:
-        return self.workdir / "reports"
+        return self.workspace.report_dir
 
     def aggregator_config(self) -> Path:
-        cfg = {
-            "host": "127.0.0.1", "port": self.agg_port,
-            "state_url": f"sqlite:///{self.workdir / 'state' / 'aggregator.db'}",
-            "blob_url": f"file://{self.workdir / 'state' / 'blobs'}",
-            "report_dir": str(self.report_dir),
-            "broker": {"host": "127.0.0.1", "port": self.broker.port},
-            "tls": self._tls_dict("aggregator", "aggregator"),
-            "signing_key": str(self.pki.signing_key),
-            "operators": self._token_config,
-            "log_json": True,
-            **self._agg_extra,
-        }
-        path = self.workdir / "config" / "aggregator.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        return path
+        return self.workspace.aggregator_config
 
     def agent_config(self, site: str) -> Path:
-        policy = dict(self.policies[site])
-        egress = dict(policy["egress"])
-        if not egress.get("allowed_endpoints"):
-            egress["allowed_endpoints"] = [f"127.0.0.1:{self.broker.port}", f"127.0.0.1:{self.agg_port}"]
-        policy["egress"] = egress
-        policy_file = self.workdir / "config" / f"policy-{site}.yaml"
-        policy_file.write_text(yaml.safe_dump(policy, sort_keys=False))
-        cfg = {
-            "site": site,
-            "policy_file": str(policy_file),
-            "aggregator_public_key": str(self.pki.signing_pub),
-            "tls": self._tls_dict("site", site),
-            "broker": {"host": "127.0.0.1", "port": self.broker.port},
-            "aggregator_url": self.url,
-            "state_dir": str(self.workdir / "state" / f"agent-{site}"),
-            "heartbeat_s": self.heartbeat_s,
-            "status_host": "127.0.0.1",
-            "status_port": self.status_ports.setdefault(site, free_port()),
-            "log_json": True,
-        }
-        path = self.workdir / "config" / f"agent-{site}.yaml"
-        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        return path
+        return self.workspace.agent_config(site)
 
     # ---------------------------------------------------------------- processes
     def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log = (self.workdir / "logs" / f"{name}.log").open("ab")
+        self.workspace.logs_dir.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "FEDSILO_LOG_LEVEL": self.log_level, "PYTHONUNBUFFERED": "1", **(env or {})}
-        return subprocess.Popen(
-            [sys.executable, "-m", "fedsilo", *args], stdout=log, stderr=subprocess.STDOUT, env=env,
-            stdin=subprocess.DEVNULL,
-        )
+        with self.log(name).open("ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "fedsilo", *args], stdout=log, stderr=subprocess.STDOUT, env=env,
+                stdin=subprocess.DEVNULL, start_new_session=self.detach,
+            )
+        self.processes.record(name, proc.pid)
+        return proc
+
+    def running(self) -> list[Recorded]:
+        """This workspace's processes that are alive (whoever started them)."""
+        return self.processes.running()
 
     def start(self, timeout: float = 60.0) -> None:
-        self.broker.start()
-        self.start_aggregator(timeout)
-        for site in self.sites:
-            self.start_agent(site)
-        self.wait_sites_online(list(self.sites), timeout)
+        """Broker, aggregator, then every agent; return once every site is online. Refused while any of this
+        workspace's processes runs or a port it needs is taken; on any failure whatever started is stopped."""
+        running = self.running()
+        if running:
+            raise LocalError(f"the federation in {self.workdir} is already running ("
+                             + ", ".join(f"{r.name} pid {r.pid}" for r in running)
+                             + "): stop it first with `fedsilo local down`")
+        taken = ports_in_use(self.manifest)
+        if taken:
+            raise LocalError(f"port(s) {', '.join(taken)} on {HOST} are in use by another process; free them, or "
+                             "give the federation new ports with `fedsilo local init --force`")
+        try:
+            self.broker.start()
+            self.start_aggregator(timeout)
+            for site in self.sites:
+                self.start_agent(site)
+            self.wait_sites_online(list(self.sites), timeout)
+        except BaseException:
+            self.stop(grace=2.0)
+            raise
 
     def start_aggregator(self, timeout: float = 60.0, env: dict[str, str] | None = None, wait: bool = True) -> None:
         config = str(self.aggregator_config())
@@ -158,54 +164,66 @@ class LocalFederation:
         while wait and not self.client.healthy():
             if self.aggregator.poll() is not None:
                 code = self.aggregator.returncode
-                raise RuntimeError(f"the aggregator exited with {code}; see {self.log('aggregator')}")
+                raise LocalError(f"the aggregator exited with {code}; see {self.log('aggregator')}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the aggregator did not become healthy; see {self.log('aggregator')}")
+                raise LocalError(f"the aggregator did not become healthy within {timeout:g}s; see "
+                                 f"{self.log('aggregator')}")
             time.sleep(0.1)
 
     def start_agent(self, site: str, env: dict[str, str] | None = None) -> None:
         config = str(self.agent_config(site))
         self.agents[site] = self._spawn(f"agent-{site}", "agent", "run", "--config", config, env=env)
 
-    def stop_aggregator(self, kill: bool = False) -> None:
-        if self.aggregator is not None:
-            _stop(self.aggregator, kill)
-            self.aggregator = None
+    def stop_aggregator(self, kill: bool = False, grace: float = STOP_GRACE_S) -> Stopped | None:
+        proc, self.aggregator = self.aggregator, None
+        return self.processes.stop("aggregator", grace, proc, kill)
 
-    def stop_agent(self, site: str, kill: bool = False) -> None:
-        proc = self.agents.pop(site, None)
-        if proc is not None:
-            _stop(proc, kill)
+    def stop_agent(self, site: str, kill: bool = False, grace: float = STOP_GRACE_S) -> Stopped | None:
+        return self.processes.stop(f"agent-{site}", grace, self.agents.pop(site, None), kill)
 
-    def stop(self) -> None:
-        for site in list(self.agents):
-            self.stop_agent(site)
-        self.stop_aggregator()
-        self.broker.stop()
+    def stop(self, grace: float = STOP_GRACE_S) -> list[Stopped]:
+        """SIGTERM the agents, the aggregator and the broker (in that order), SIGKILL any still up after `grace`
+        seconds; return how each stopped. The workspace is left as it is, ready to start again."""
+        stopped = [self.stop_agent(site, grace=grace) for site in dict.fromkeys([*self.agents, *self.sites])]
+        stopped.append(self.stop_aggregator(grace=grace))
+        for rec in self.processes.recorded():  # agents of sites no longer in the manifest, if any
+            if rec.name != "broker":
+                stopped.append(self.processes.stop(rec.name, grace))
+        if self.broker.running:
+            pid, t0 = self.broker.pid, time.monotonic()
+            self.broker.stop(grace)
+            stopped.append(Stopped("broker", pid or 0, time.monotonic() - t0, "SIGTERM"))
+        else:
+            stopped.append(self.processes.stop("broker", grace))
+        return [s for s in stopped if s is not None and s.how != "gone"]
 
     def log(self, name: str) -> Path:
-        return self.workdir / "logs" / f"{name}.log"
+        return self.workspace.logs_dir / f"{name}.log"
 
     # ---------------------------------------------------------------- waiting
     def wait_sites_online(self, sites: list[str], timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            online = {s["site"] for s in self.client.sites() if s["state"] == "online"}
+            try:
+                online = {s["site"] for s in self.client.sites() if s["state"] == "online"}
+            except ClientError:
+                online = set()
             if set(sites) <= online:
                 return
             for site, proc in self.agents.items():
                 if proc.poll() is not None:
-                    raise RuntimeError(f"agent {site} exited with {proc.returncode}; see {self.log('agent-' + site)}")
+                    raise LocalError(f"agent {site} exited with {proc.returncode}; see {self.log('agent-' + site)}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"sites not online after {timeout}s: {sorted(set(sites) - online)}")
+                raise LocalError(f"sites not online after {timeout:g}s: {sorted(set(sites) - online)}; see the "
+                                 f"agents' logs in {self.workspace.logs_dir}")
             time.sleep(0.1)
 
     def wait_job(self, job_id: str, timeout: float = 300.0) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
-            summary = self.client.job(job_id)
+            summary = self.client.job(job_id, per_site=False)
             if summary["state"] in ENDED and summary["report"] == "written":
-                return summary
+                return self.client.job(job_id)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {summary['state']} after {timeout}s")
             time.sleep(0.1)
@@ -217,12 +235,3 @@ class LocalFederation:
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.stop()
 
-
-def _stop(proc: subprocess.Popen[bytes], kill: bool) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from fedsilo.client import AggregatorClient
+from fedsilo.client import AggregatorClient, AggregatorUnreachableError
 
 ENDED = ("finished", "failed", "cancelled")
 
@@ -25,15 +25,15 @@ def rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
         g = h["global"]
         if g is None or not (h["complete"] or summary["state"] in ENDED):
             continue
-        eps = [s["epsilon"] for s in summary["sites"].values() if s.get("epsilon") is not None]
+        eps = summary.get("epsilon_max")
         out.append((
             str(h["round"]),
-            str(len(h["sites"])),
+            str(h["sites_evaluated"]),
             _fmt(h["train_loss"]),
             _fmt(g["auc"]),
             _fmt(g["loss"]),
             _fmt(h["duration_s"], 2),
-            _fmt(max(eps), 2) if eps and h["round"] == summary["history"][-1]["round"] else "",
+            _fmt(eps, 2) if eps is not None and h["round"] == summary["history"][-1]["round"] else "",
         ))
     return out
 
@@ -49,17 +49,39 @@ def table(summary: dict[str, Any]) -> Table:
     return t
 
 
+def _poll(client: AggregatorClient, job_id: str, patience: float = 30.0, per_site: bool = False) -> dict[str, Any]:
+    """The job's summary (without each site's detail unless asked: polls stay small at a thousand sites); an
+    aggregator that restarts (it resumes every job) is waited for up to `patience` s."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return client.job(job_id, per_site=per_site)
+        except AggregatorUnreachableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
+
+
 def watch(client: AggregatorClient, job_id: str, interval: float = 0.5, timeout: float = 3600) -> dict[str, Any]:
-    """Follow a job until it ends; a live table on a terminal, one line per finished round otherwise."""
-    console = Console(stderr=False)
+    """Follow a job until it ends; a live table on a terminal, one line per finished round otherwise. Returns the
+    full summary, once the job's report is written (it follows the end by moments)."""
     deadline = time.monotonic() + timeout
+    summary = _follow(client, job_id, interval, deadline)
+    while summary["state"] in ENDED and summary.get("report") == "pending" and time.monotonic() < deadline:
+        time.sleep(interval)
+        summary = _poll(client, job_id)
+    return _poll(client, job_id, per_site=True)
+
+
+def _follow(client: AggregatorClient, job_id: str, interval: float, deadline: float) -> dict[str, Any]:
+    console = Console(stderr=False, soft_wrap=True)
     printed = 0
-    summary = client.job(job_id)
+    summary = _poll(client, job_id)
     if sys.stdout.isatty():
         with Live(table(summary), console=console, refresh_per_second=4) as live:
             while summary["state"] not in ENDED and time.monotonic() < deadline:
                 time.sleep(interval)
-                summary = client.job(job_id)
+                summary = _poll(client, job_id)
                 live.update(table(summary))
         return summary
     print("round  sites  train_loss  val_auc  val_loss  round_s   (val_*: global model on each site's "
@@ -71,4 +93,4 @@ def watch(client: AggregatorClient, job_id: str, interval: float = 0.5, timeout:
         if summary["state"] in ENDED or time.monotonic() > deadline:
             return summary
         time.sleep(interval)
-        summary = client.job(job_id)
+        summary = _poll(client, job_id)
