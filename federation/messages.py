@@ -6,11 +6,11 @@ Every payload is canonical JSON (see `canonical_json`) so that it can be hashed 
 from __future__ import annotations
 
 import json
-import math
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import ConfigDict, Field
 
+from federation.bounds import MAX_EPSILON, MAX_LOSS, MAX_REASONS, MAX_ROUND, MAX_SAMPLES, MAX_TEXT
 from federation.jobs import JobSpec, SiteName
 from federation.schema import Frozen
 
@@ -25,6 +25,15 @@ def canonical_json(model: Frozen) -> bytes:
 
 
 Nonce = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+Text = Annotated[str, Field(max_length=MAX_TEXT)]
+
+
+class SiteMessage(Frozen):
+    """What a site sends (MQTT status and events, HTTP envelopes and reports), parsed as hostile: strict types
+    (no `true` for 1, no "5" for 5), no NaN or Infinity, every number within `federation.bounds` and every list
+    and text bounded, so nothing accepted is too large to store, sum or serve."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class JobOffer(Frozen):
@@ -60,69 +69,58 @@ class RoundTask(Frozen):
     nonce: Nonce
 
 
-class SiteStatus(Frozen):
+class SiteStatus(SiteMessage):
+    """A heartbeat, or the last will. `at` is the sender's clock: the aggregator keeps its own receive time."""
+
     site: SiteName
     state: Literal["online", "offline"]
     at: float
-    active_jobs: list[str] = Field(default_factory=list)
-    version: str = ""
+    active_jobs: list[JobId] = Field(default_factory=list, max_length=100)
+    version: str = Field(default="", max_length=64)
 
 
-class SiteEvent(Frozen):
+class SiteEvent(SiteMessage):
     """An agent's answer about a job: accepted, refused (with every reason), or stopped mid-job."""
 
     site: SiteName
     job_id: JobId
     kind: Literal["accepted", "refused", "error", "stopped"]
-    round: int | None = None
-    reasons: list[str] = Field(default_factory=list)
-    epsilon_planned: float | None = None
+    round: int | None = Field(default=None, ge=0, le=MAX_ROUND)
+    reasons: list[Text] = Field(default_factory=list, max_length=MAX_REASONS)
+    epsilon_planned: float | None = Field(default=None, ge=0, le=MAX_EPSILON)
     at: float
 
 
-class EvalMetrics(Frozen):
+class EvalMetrics(SiteMessage):
     """Validation metrics of one global model at one site: aggregates over `n` records, never rows."""
 
-    n: int = Field(ge=0)
-    loss: float | None = None
-    auc: float | None = None
-
-    @field_validator("loss", "auc")
-    @classmethod
-    def _finite(cls, v: float | None) -> float | None:
-        if v is not None and not math.isfinite(v):
-            raise ValueError("metric must be finite")
-        return v
+    n: int = Field(ge=0, le=MAX_SAMPLES)
+    loss: float | None = Field(default=None, ge=0, le=MAX_LOSS)
+    auc: float | None = Field(default=None, ge=0, le=1)
 
 
-class UpdateEnvelope(Frozen):
+class UpdateEnvelope(SiteMessage):
     """Metadata sent with an update (HTTP header); the body is the safetensors update with this sha256."""
 
     job_id: JobId
-    round: int = Field(ge=1)
+    round: int = Field(ge=1, le=MAX_ROUND)
     site: SiteName
-    num_samples: int = Field(ge=1)
+    num_samples: int = Field(ge=1, le=MAX_SAMPLES)
     sha256: Sha256
     # Metrics of the global model this round started from (model version round-1), on local validation;
     # None when the site's policy lets no metric leave.
     evaluation: EvalMetrics | None
-    train_loss: float
+    train_loss: float = Field(ge=0, le=MAX_LOSS)
     # ε spent on this job so far, this round included; None when the job runs without noise (no guarantee).
-    epsilon: float | None = Field(ge=0)
+    epsilon: float | None = Field(ge=0, le=MAX_EPSILON)
     # The site's policy allows its per-site metrics to be logged to experiment tracking.
     share_tracking: bool = True
 
-    @field_validator("train_loss")
-    @classmethod
-    def _finite_loss(cls, v: float) -> float:
-        if not math.isfinite(v):
-            raise ValueError("train_loss must be finite")
-        return v
 
 
-class EvaluationReport(Frozen):
+class EvaluationReport(SiteMessage):
     job_id: JobId
-    round: int = Field(ge=0)
+    round: int = Field(ge=0, le=MAX_ROUND)
     site: SiteName
     evaluation: EvalMetrics | None
 
