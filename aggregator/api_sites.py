@@ -73,9 +73,15 @@ def malformed(reason: str, exc: ValidationError) -> Rejection:
 @site_call
 async def upload_update(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
     app = request.app
-    if request.content_length is not None and request.content_length > app[MAX_UPLOAD]:
-        r = Rejection("too_large", f"body over {app[MAX_UPLOAD]} bytes", 413)
-        return await reject(request, r, site, job_id, rnd)
+    # The job's layout bounds its updates: a body announced larger is refused before a byte of it is read (and the
+    # connection closed, so the rest is never read either).
+    limit = min(app[MAX_UPLOAD], app[ENGINE].update_limit(job_id) or app[MAX_UPLOAD])
+    if request.content_length is not None and request.content_length > limit:
+        r = Rejection("too_large", f"a body of {request.content_length} bytes; this job's updates take at most "
+                                   f"{limit}", 413)
+        response = await reject(request, r, site, job_id, rnd)
+        response.force_close()
+        return response
     try:
         env = UpdateEnvelope.model_validate_json(request.headers.get(ENVELOPE_HEADER, ""))
     except ValidationError as exc:

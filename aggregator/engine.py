@@ -27,7 +27,7 @@ from federation import topics
 from federation.faults import failpoint
 from federation.jobs import JobSpec
 from federation.messages import EvalMetrics, EvaluationReport, JobOffer, SiteEvent, UpdateEnvelope
-from federation.tensors import decode, encode
+from federation.tensors import decode, encode, frame_limit
 
 log = structlog.get_logger(__name__)
 
@@ -61,9 +61,12 @@ class RoundEngine(RoundTransitions):
         """Resume every unfinished job from the store after a (re)start. Stored rows that fail their checks are
         quarantined first, failing their jobs; a job that still cannot be resumed fails with the reason. Nothing
         stored stops the aggregator from starting."""
-        for q in await self._db(self._store.quarantine_active, time.time()):
+        moved = await self._db(self._store.quarantine_active, time.time())
+        for q in moved:
             self._metrics.quarantined_rows.labels(q.table).inc()
             log.warning("stored_row_quarantined", table=q.table, job=q.job_id, key=q.key, reason=q.reason)
+        for job_id in sorted({q.job_id for q in moved if q.job_id is not None and q.table != "jobs"}):
+            self._post(JobEnded(job_id, "failed"))  # its report, from the rows left
         for job in await self._db(self._store.list_jobs, ACTIVE):
             try:
                 await self._recover_job(job)
@@ -119,6 +122,11 @@ class RoundEngine(RoundTransitions):
         self._announce(runner, rnd)
         self._arm(runner, max(rnd.deadline - time.time(), 0.0), self._round_deadline)
         await self._maybe_close(runner)
+
+    def update_limit(self, job_id: str) -> int | None:
+        """The largest update body the active job `job_id` can have (None: no such active job)."""
+        runner = self._runners.get(job_id)
+        return frame_limit(runner.global_weights) if runner is not None else None
 
     def invited(self, job_id: str, site: str) -> bool:
         """Whether `site` was offered the active job `job_id` (what it sends about it is worth a stored row)."""

@@ -35,6 +35,22 @@ def encode(weights: Weights) -> bytes:
 METADATA_SLACK = 1024  # bytes a sender's header may add to ours: `__metadata__`, alignment padding
 
 
+def header_size(template: Weights) -> int:
+    """The length of the safetensors header of `template`'s tensors, as `encode` writes it."""
+    offsets, entries = 0, {}
+    for name in sorted(template):
+        v = template[name]
+        entries[name] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offsets, offsets + v.nbytes]}
+        offsets += v.nbytes
+    return len(json.dumps(entries, separators=(",", ":")))
+
+
+def frame_limit(template: Weights) -> int:
+    """The most bytes an encoding of `template`'s layout can take (what `check_frame` lets through): a body
+    announced longer is refused before it is read."""
+    return 8 + header_size(template) + METADATA_SLACK + sum(v.nbytes for v in template.values())
+
+
 def check_frame(data: bytes, template: Weights) -> None:
     """Refuse, before anything is parsed, bytes that cannot be `template`'s tensors: the safetensors header (its
     length is the first 8 bytes) may be at most `METADATA_SLACK` longer than the header of `template` itself, and
@@ -42,12 +58,7 @@ def check_frame(data: bytes, template: Weights) -> None:
     beside valid tensors, then costs a length comparison, not a parse."""
     if len(data) < 8:
         raise PayloadError(f"{len(data)} bytes: too short for a safetensors payload")
-    offsets, entries = 0, {}
-    for name in sorted(template):
-        v = template[name]
-        entries[name] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [offsets, offsets + v.nbytes]}
-        offsets += v.nbytes
-    expected_header = len(json.dumps(entries, separators=(",", ":")))
+    expected_header = header_size(template)
     header = int.from_bytes(data[:8], "little")
     if header > len(data) - 8:
         raise PayloadError(f"not a safetensors payload: a header of {header} bytes in {len(data)} bytes")
