@@ -21,6 +21,7 @@ import structlog
 
 from aggregator.blobs import BlobStore
 from aggregator.metrics import AggregatorMetrics
+from aggregator.privacy_units import spend_by_unit
 from aggregator.store import JobRow, SiteDecision, StateStore, UpdateRow
 from aggregator.strategies import Strategy, make_strategy
 from aggregator.validation import Rejection, check_update
@@ -321,20 +322,20 @@ class RoundEngine:
                     return {"status": "duplicate", "job_id": env.job_id, "round": env.round}
                 raise Rejection("duplicate_conflict", "a different update was already accepted for this round", 409)
             job = await self._current(runner, env.round, "train")
-            update = await asyncio.to_thread(check_update, body, env.sha256, runner.global_weights, runner.spec)
+            update = await asyncio.to_thread(check_update, body, env.sha256, runner.global_weights, runner.spec, env)
             await self._db(self._blobs.put, body)
             failpoint("ingest_after_blob")
+            spend = spend_by_unit(runner.spec, env)
             row = UpdateRow(
                 env.job_id, env.round, site, env.sha256, env.num_samples, env.train_loss, env.epsilon, time.time(),
-                env.share_tracking,
+                env.share_tracking, tuple(spend.items()),
             )
             await self._db(self._store.add_update, row, env.evaluation)
             failpoint("ingest_after_commit")
             runner.strategy.add(update, env.num_samples)
             self._metrics.updates_received.labels(site).inc()
-            if env.epsilon is not None:
-                self._metrics.site_epsilon.labels(env.job_id, site).set(env.epsilon)
-            log.info("update_accepted", round=env.round, num_samples=env.num_samples, epsilon=env.epsilon)
+            self._metrics.observe_spend(env.job_id, site, spend)
+            log.info("update_accepted", round=env.round, num_samples=env.num_samples, epsilon=spend)
             await self._maybe_close(runner, job.round)
         return {"status": "accepted", "job_id": env.job_id, "round": env.round}
 

@@ -28,6 +28,8 @@ def job_summary(store: StateStore, job_id: str) -> dict[str, Any] | None:
     rounds = {r.round: r for r in store.rounds(job_id)}
     evals = store.evaluations(job_id)
     decisions = store.decisions(job_id)
+    by_unit = store.site_spend(job_id)
+    unit = job.spec.privacy.unit
     epsilon: dict[str, float | None] = {}
     training = []
     for r in sorted(rounds):
@@ -69,8 +71,12 @@ def job_summary(store: StateStore, job_id: str) -> dict[str, Any] | None:
         "model_sha256": job.model_sha,
         "created_at": job.created_at,
         "updated_at": job.updated_at,
+        # `epsilon` is in the job's unit (`privacy.unit`); `epsilon_by_unit` has every unit a site reported.
+        "privacy": {"unit": unit, "unit_words": job.spec.privacy.unit_words, "delta": job.spec.privacy.delta},
         "sites": {
-            d.site: {"decision": d.decision, "reasons": d.reasons, "epsilon": epsilon.get(d.site)}
+            d.site: {"decision": d.decision, "reasons": d.reasons, "epsilon": epsilon.get(d.site),
+                     "epsilon_unit": unit,
+                     "epsilon_by_unit": by_unit.get(d.site, {unit: epsilon[d.site]} if d.site in epsilon else {})}
             for d in decisions
         },
         "history": history,

@@ -64,6 +64,8 @@ class UpdateRow:
     epsilon: float | None
     received_at: float
     share_tracking: bool = True
+    # ε per unit the site's mechanisms protect (record: per patient; site: per hospital), as its envelope said.
+    privacy: tuple[tuple[str, float | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,10 @@ class StateStore(ABC):
     def get_update(self, job_id: str, rnd: int, site: str) -> UpdateRow | None: ...
 
     @abstractmethod
+    def site_spend(self, job_id: str) -> dict[str, dict[str, float | None]]:
+        """Each site's latest reported ε on the job, per unit."""
+
+    @abstractmethod
     def updates(self, job_id: str, rnd: int) -> list[UpdateRow]: ...
 
     @abstractmethod
@@ -155,7 +161,7 @@ class StateStore(ABC):
     @abstractmethod
     def site_decisions(self, site: str | None = None) -> list[dict[str, Any]]:
         """Each site's decision on each job offered to it, newest first, with the job's state and the ε the
-        site reported with its latest update in that job (None before its first update)."""
+        site reported with its latest update in that job (None before its first update), in `epsilon_unit`."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -185,6 +191,9 @@ CREATE TABLE IF NOT EXISTS evaluations (
 CREATE TABLE IF NOT EXISTS rejections (
   id {serial} PRIMARY KEY, job_id TEXT, round INTEGER, site TEXT, reason TEXT NOT NULL, detail TEXT NOT NULL,
   at DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS update_privacy (
+  job_id TEXT NOT NULL, round INTEGER NOT NULL, site TEXT NOT NULL, unit TEXT NOT NULL, epsilon DOUBLE PRECISION,
+  PRIMARY KEY (job_id, round, site, unit));
 CREATE TABLE IF NOT EXISTS models (sha TEXT PRIMARY KEY, job_id TEXT NOT NULL, version INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS sites (
   site TEXT PRIMARY KEY, state TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, info TEXT NOT NULL);
@@ -283,6 +292,9 @@ class SqlStore(StateStore):
             )
             if added == 0:
                 return False
+            for unit, eps in u.privacy:
+                self._execute("INSERT INTO update_privacy VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING",
+                              (u.job_id, u.round, u.site, unit, eps))
             if evaluation is not None:
                 self._insert_eval(u.job_id, u.round - 1, u.site, evaluation)
             return True
@@ -294,6 +306,13 @@ class SqlStore(StateStore):
     def updates(self, job_id: str, rnd: int) -> list[UpdateRow]:
         rows = self._query("SELECT * FROM updates WHERE job_id=? AND round=? ORDER BY site", (job_id, rnd))
         return [_update(r) for r in rows]
+
+    def site_spend(self, job_id: str) -> dict[str, dict[str, float | None]]:
+        out: dict[str, dict[str, float | None]] = {}
+        for r in self._query("SELECT site, unit, epsilon FROM update_privacy WHERE job_id=? ORDER BY round",
+                             (job_id,)):
+            out.setdefault(r["site"], {})[r["unit"]] = r["epsilon"]
+        return out
 
     def close_round(
         self, job_id: str, rnd: int, model_out: str | None, n_sites: int, n_samples: int,
@@ -361,13 +380,15 @@ class SqlStore(StateStore):
     def site_decisions(self, site: str | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE s.site=?", (site,)) if site is not None else ("", ())
         rows = self._query(
-            "SELECT s.job_id, s.site, s.decision, s.reasons, s.epsilon_planned, s.at, j.state AS job_state,"
+            "SELECT s.job_id, s.site, s.decision, s.reasons, s.epsilon_planned, s.at, j.state AS job_state, j.spec,"
             " (SELECT u.epsilon FROM updates u WHERE u.job_id=s.job_id AND u.site=s.site"
             "  ORDER BY u.round DESC LIMIT 1) AS epsilon_spent"
             f" FROM job_sites s JOIN jobs j ON j.job_id=s.job_id {where} ORDER BY s.at DESC, s.job_id, s.site",
             params,
         )
-        return [{**r, "reasons": json.loads(r["reasons"])} for r in rows]
+        # The unit of both ε columns is the job's (`privacy.unit`: record = per patient, site = per hospital).
+        return [{**{k: v for k, v in r.items() if k != "spec"}, "reasons": json.loads(r["reasons"]),
+                 "epsilon_unit": json.loads(r["spec"])["privacy"].get("unit", "site")} for r in rows]
 
 
 class SQLiteStore(SqlStore):

@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
-from federation.jobs import JobSpec, SiteName
+from federation.jobs import JobSpec, SiteName, Unit
 from federation.schema import Frozen
 
 JobId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9\-]{2,80}$")]
@@ -76,7 +76,9 @@ class SiteEvent(Frozen):
     kind: Literal["accepted", "refused", "error", "stopped"]
     round: int | None = None
     reasons: list[str] = Field(default_factory=list)
-    epsilon_planned: float | None = None
+    epsilon_planned: float | None = None  # in the job's unit
+    # Per unit the site will be charged in (both when its policy adds the site unit to a record-level job).
+    planned: dict[Unit, float] = Field(default_factory=dict, max_length=2)
     at: float
 
 
@@ -95,6 +97,15 @@ class EvalMetrics(Frozen):
         return v
 
 
+class UnitSpend(Frozen):
+    """The ε a site has spent on a job in one unit (per patient record, or per site), and the σ of the mechanism
+    behind it: DP-SGD's for the record unit, the update-level noise's for the site unit."""
+
+    unit: Unit
+    epsilon: float | None = Field(ge=0)  # None: that mechanism ran without noise (no guarantee)
+    noise_multiplier: float = Field(ge=0, le=1e4)
+
+
 class UpdateEnvelope(Frozen):
     """Metadata sent with an update (HTTP header); the body is the safetensors update with this sha256."""
 
@@ -107,10 +118,24 @@ class UpdateEnvelope(Frozen):
     # None when the site's policy lets no metric leave.
     evaluation: EvalMetrics | None
     train_loss: float
-    # ε spent on this job so far, this round included; None when the job runs without noise (no guarantee).
+    # ε spent on this job so far, this round included, in the job's unit (`spec.privacy.unit`); None when the job
+    # runs without noise (no guarantee).
     epsilon: float | None = Field(ge=0)
+    # The same per unit the site's mechanisms protect: the job's unit, and the site unit too where the site's policy
+    # also requires update-level noise. A `site` entry means the update carries update-level noise.
+    privacy: list[UnitSpend] = Field(default_factory=list, max_length=2)
     # The site's policy allows its per-site metrics to be logged to experiment tracking.
     share_tracking: bool = True
+
+    @field_validator("privacy")
+    @classmethod
+    def _one_per_unit(cls, v: list[UnitSpend]) -> list[UnitSpend]:
+        if len({s.unit for s in v}) != len(v):
+            raise ValueError("privacy lists a unit twice")
+        return v
+
+    def spend(self, unit: str) -> UnitSpend | None:
+        return next((s for s in self.privacy if s.unit == unit), None)
 
     @field_validator("train_loss")
     @classmethod

@@ -354,7 +354,8 @@ def policy_check(policy_file: Path) -> None:
 @policy.command("explain")
 @click.argument("policy_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--spent", type=float, default=0.0, show_default=True, help="ε already spent on the dataset.")
+@click.option("--spent", type=float, default=0.0, show_default=True,
+              help="ε already spent on the dataset, in the job's unit.")
 def policy_explain(policy_file: Path, job_file: Path, spent: float) -> None:
     """Say whether a job would be accepted under a policy and, if not, every reason."""
     from agent.daemon import load_data
@@ -363,8 +364,10 @@ def policy_explain(policy_file: Path, job_file: Path, spent: float) -> None:
 
     p = SitePolicy.load(policy_file)
     spec = JobSpec.from_yaml(job_file.read_text())
-    decision, _ = evaluate(p, spec, p.site, endpoints=[], spent=spent, active_jobs=0, load=load_data)
-    eps = "none (no noise)" if decision.epsilon_planned is None else f"{decision.epsilon_planned:.2f}"
+    decision, _ = evaluate(p, spec, p.site, endpoints=[], spent={spec.privacy.unit: spent}, active_jobs=0,
+                           load=load_data)
+    eps = "none (no noise)" if decision.epsilon_planned is None else \
+        f"{decision.epsilon_planned:.2f} {spec.privacy.unit_words}"
     if decision.accepted:
         click.echo(f"ACCEPT: {p.site} would run {spec.name!r}; projected ε {eps}, "
                    f"budget use {decision.epsilon_before:.2f} → {decision.epsilon_after:.2f}")
