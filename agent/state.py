@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from federation.faults import failpoint
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
   job_id TEXT PRIMARY KEY, spec TEXT NOT NULL, decision TEXT NOT NULL, reasons TEXT NOT NULL,
@@ -167,6 +169,7 @@ class AgentState:
                 "INSERT INTO releases VALUES (?,?,?,?,?,?,?,?,?)",
                 (r.job_id, r.round, r.dataset, r.noise_multiplier, r.epsilon, r.payload, r.envelope, 0, at),
             )
+            failpoint("ledger_between_release_and_spend")
             self._db.executemany("INSERT INTO spend VALUES (?,?,?,?,?,?)",
                                  [(r.job_id, r.round, r.dataset, unit, eps, at) for unit, eps in spend.items()])
 

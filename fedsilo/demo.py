@@ -46,10 +46,16 @@ def _print_outcome(summary: dict[str, Any], report: Path, wall: float) -> None:
     state = summary["state"]
     colour = "green" if state == "finished" else "red"
     console.print(f"job {summary['job_id']} [{colour}]{state}[/] in {wall:.1f}s {summary['reason']}")
+    words = {"record": "per patient record", "site": "per site"}
     for site, s in summary["sites"].items():
-        eps = "no DP" if s["epsilon"] is None else f"ε={s['epsilon']:.2f}"
+        # Every ε with its unit: the job's first, then any other unit the site's policy also applied.
+        by_unit = s.get("epsilon_by_unit") or ({s.get("epsilon_unit", "site"): s["epsilon"]} if s["epsilon"] else {})
+        eps = " · ".join(f"ε={e:.2f} {words.get(u, u)}" for u, e in by_unit.items() if e is not None) or "no DP"
         reasons = f" ({'; '.join(s['reasons'])})" if s["reasons"] else ""
         console.print(f"  {site:<15} {s['decision']:<9} {eps}{reasons}")
+    privacy = summary.get("privacy", {})
+    if privacy:
+        console.print(f"  (ε at δ={privacy['delta']:g}, unit: {privacy['unit']} = {privacy['unit_words']})")
     if state == "finished":
         final = summary["history"][-1]["global"]
         console.print(f"final global model: validation AUC {final['auc']:.4f}, loss {final['loss']:.4f}")

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "policies" / "examples").glob("*.yaml"))
 # The rules below are the site unit's (update-level noise); the record unit's are in test_record_dp.py.
 JOB = {**yaml.safe_load((ROOT / "examples" / "heart-disease.yaml").read_text()),
-       "model": {"name": "logreg"}, "privacy": {"unit": "site", "clip_norm": 0.3, "noise_multiplier": 0.4, "delta": 1e-5}}
+       "model": {"name": "logreg"},
+       "privacy": {"unit": "site", "clip_norm": 0.3, "noise_multiplier": 0.4, "delta": 1e-5}}
 
 
 def test_there_is_one_valid_example_policy_per_center() -> None:
