@@ -102,6 +102,7 @@ def records_for(summary: dict[str, Any], prefix: str, report_dir: Path | None = 
             params = base | {"train_data_size": info["num_samples"]}
             if info["epsilon"] is not None:
                 params["epsilon"] = float(info["epsilon"])
+                params["epsilon_unit"] = summary["spec"]["privacy"].get("unit", "site")  # record: per patient
             out.append(Record(key=f"{run.name}|params|{entry['round']}", run=run, kind="params", params=params))
             out.append(Record(key=f"{run.name}|Training:Loss|{entry['round']}", run=run, kind="metric",
                               name="Training:Loss", value=float(info["train_loss"]), step=entry["round"]))

@@ -149,7 +149,8 @@ def test_viewer_sees_sites_and_jobs_but_cannot_act(console: Console, fed: LocalF
         row = page.locator(f"#sites-table tr[data-site={site}]")
         expect(row.locator(".badge.online")).to_be_visible()
         expect(row.locator("td").nth(3).locator(f"a[href='#/jobs/{job_id}']")).to_be_visible()  # accepted
-        expect(row.locator("td").nth(5)).to_have_text(re.compile(r"^\d+\.\d\d$"))  # ε spent
+        # ε spent, with its unit: these jobs are per site (update-level noise)
+        expect(row.locator("td").nth(5)).to_have_text(re.compile(r"^ε \d+\.\d\d per site$"))
     refuser = page.locator(f"#sites-table tr[data-site={REFUSER}]")
     expect(refuser.locator(".badge.online")).to_be_visible()
     expect(refuser.locator("td").nth(4).locator("li").first).to_contain_text("does not exist")
