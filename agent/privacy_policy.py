@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from pydantic import Field, model_validator
 
-from agent.dpsgd import RecordPlan, record_plan
+from agent.record_plan import RecordPlan, record_plan
 from federation.jobs import UNIT_WORDS, JobSpec, Unit
 from federation.privacy import epsilon_for
 from federation.schema import Frozen

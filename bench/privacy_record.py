@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from agent.data import SiteData
-from agent.dpsgd import record_plan, train_dpsgd
+from agent.dpsgd import train_dpsgd
+from agent.record_plan import record_plan
 from aggregator.engine import initial_weights
 from aggregator.strategies import FedAvg
 from bench.federated import example_job, run_jobs, score

@@ -77,7 +77,7 @@ class PrivacySpec(Frozen):
     `unit: record` (per patient): local training is DP-SGD (Poisson sampling, per-example clipping to
     `record_clip_norm`, Gaussian noise), and the update is clipped to `clip_norm` so the aggregator can check it,
     without update-level noise. `target_epsilon` is then per patient and each site calibrates its own DP-SGD σ for
-    its own record count (`agent.dpsgd.record_plan`); or the job fixes `record_noise_multiplier` for all.
+    its own record count (`agent.record_plan.record_plan`); or the job fixes `record_noise_multiplier` for all.
     `noise_multiplier` is the update-level σ that a site whose policy also requires the site unit adds on top
     (0: such sites refuse)."""
 

@@ -254,7 +254,7 @@ def test_agent_killed_mid_job_rejoins_and_the_job_finishes(fed: LocalFederation)
 
 def test_a_per_patient_job_runs_dpsgd_alone_and_every_report_says_its_unit(fed: LocalFederation) -> None:
     from agent.data import load_site_data
-    from agent.dpsgd import record_plan
+    from agent.record_plan import record_plan
 
     text = job_yaml(rounds=2, sites=["cleveland", "hungary"], min_sites=2)  # the example: ε ≤ 1 per patient
     job_id = fed.client.submit(text)

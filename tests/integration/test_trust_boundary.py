@@ -26,7 +26,7 @@ import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.data import load_site_data
-from agent.dpsgd import record_plan
+from agent.record_plan import record_plan
 from federation import topics
 from federation.jobs import JobSpec
 from federation.messages import JobOffer, RoundTask, SiteEvent, canonical_json, update_path

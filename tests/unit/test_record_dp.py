@@ -22,10 +22,11 @@ from scipy import stats  # type: ignore[import-untyped]
 
 from agent.daemon import load_data
 from agent.data import SiteData
-from agent.dpsgd import RecordPlan, record_plan, train_dpsgd
+from agent.dpsgd import train_dpsgd
 from agent.policy import SitePolicy, evaluate
 from agent.privacy import BudgetExhaustedError, PrivacyEngine
 from agent.privacy_policy import BudgetPolicy, SitePrivacy, plan_privacy
+from agent.record_plan import RecordPlan, record_plan
 from agent.state import AgentState, Release
 from agent.trainer import round_seed
 from aggregator.validation import Rejection, check_update
