@@ -24,6 +24,7 @@ from fedsilo.datasets import split_by_center
 from fedsilo.local import LocalFederation, example_policy
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "heart-disease.yaml"
+START_TIMEOUT_S = 600.0
 
 
 def example_job(**overrides: Any) -> dict[str, Any]:
@@ -98,7 +99,10 @@ def run_jobs(jobs: dict[str, dict[str, Any]], workdir: Path | None = None) -> li
     root = workdir or Path(tempfile.mkdtemp(prefix="fedsilo-bench-"))
     files = split_by_center(root / "data")
     results = []
-    with LocalFederation(root, bench_policies(files), log_level="WARNING") as fed:
+    fed = LocalFederation(root, bench_policies(files), log_level="WARNING")
+    try:
+        # Four agents and an aggregator each import PyTorch: on a shared, loaded machine that can take minutes.
+        fed.start(timeout=START_TIMEOUT_S)
         for label, job in jobs.items():
             spec = JobSpec.model_validate(job)
             before = fed.client.request("GET", "/metrics").decode()
@@ -120,4 +124,6 @@ def run_jobs(jobs: dict[str, dict[str, Any]], workdir: Path | None = None) -> li
                 epsilon_unit=spec.privacy.unit,
                 global_auc=float((summary["history"][-1]["global"] or {}).get("auc") or float("nan")),
             ))
+    finally:
+        fed.stop()
     return results

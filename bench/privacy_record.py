@@ -1,8 +1,8 @@
 """The per-patient unit of the privacy–utility benchmark: record-level DP-SGD at a target ε per patient.
 
-Each site calibrates its own DP-SGD σ for its own record count (`agent.dpsgd.record_plan`), clips its update to the
-job's `clip_norm` and adds no update-level noise. The configuration per target comes from an in-process grid search
-(`python -m bench privacy-utility --unit record --search`) run with the agents' own functions (`record_plan`,
+Each site calibrates its own DP-SGD σ for its own record count (`agent.record_plan.record_plan`), clips its update
+to the job's `clip_norm` and adds no update-level noise. The configuration per target comes from an in-process grid
+search (`python -m bench privacy-utility --unit record --search`) run with the agents' own functions (`record_plan`,
 `train_dpsgd`, `clip`) and the aggregator's FedAvg; the table comes from the real deployment.
 """
 
