@@ -50,7 +50,7 @@ def _print_outcome(summary: dict[str, Any], report: Path, wall: float) -> None:
     for site, s in summary["sites"].items():
         # Every ε with its unit: the job's first, then any other unit the site's policy also applied.
         by_unit = s.get("epsilon_by_unit") or ({s.get("epsilon_unit", "site"): s["epsilon"]} if s["epsilon"] else {})
-        eps = " · ".join(f"ε={e:.2f} {words.get(u, u)}" for u, e in by_unit.items() if e is not None) or "no DP"
+        eps = " · ".join(f"ε={e:.3f} {words.get(u, u)}" for u, e in by_unit.items() if e is not None) or "no DP"
         reasons = f" ({'; '.join(s['reasons'])})" if s["reasons"] else ""
         console.print(f"  {site:<15} {s['decision']:<9} {eps}{reasons}")
     privacy = summary.get("privacy", {})
