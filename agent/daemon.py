@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import signal
 import sys
@@ -34,10 +33,11 @@ from agent.privacy import (
     PrivatizedUpdate,
     budget_window_start,
 )
+from agent.privacy_policy import SitePrivacy, per_unit, plan_privacy
 from agent.state import AgentState
 from agent.status_server import AgentMetrics, status_app
 from agent.trainer import evaluate as evaluate_model
-from agent.trainer import train_local
+from agent.trainer import train_round
 from agent.verifier import MessageRefusedError, Verifier
 from federation import topics
 from federation.faults import failpoint
@@ -62,19 +62,18 @@ VERSION = "0.1.0"
 RETRY_MAX_S = 4.0  # the aggregator restarts in seconds; a longer backoff would only idle the site
 
 
+UNITS = ("site", "record")
+
+
 @dataclass
 class ActiveJob:
     spec: JobSpec
     data: SiteData
+    plan: SitePrivacy  # what this site applies: recomputed identically after a restart (deterministic)
 
 
 class StartupError(Exception):
     """The agent cannot run safely with this configuration; the message says what to fix."""
-
-
-def round_seed(spec: JobSpec, site: str, rnd: int) -> int:
-    digest = hashlib.sha256(f"{spec.seed}/{site}/{rnd}".encode()).digest()
-    return int.from_bytes(digest[:4], "big")
 
 
 def load_data(ds: DatasetPolicy, spec: JobSpec) -> SiteData:
@@ -114,10 +113,16 @@ class Agent:
         self.metrics = AgentMetrics()
         self._gate = EgressGate(self.site, str(cfg.aggregator_url), cfg.tls, self._link, self.policy.egress,
                                 self._audit, on_refusal=lambda what: self.metrics.egress_refused.labels(what).inc())
-        for name, budget in self.policy.privacy.budgets.items():
-            self.metrics.epsilon_budget.labels(name).set(budget.epsilon)
-            self.metrics.epsilon_spent.labels(name).set(
-                self._state.spent(name, budget_window_start(budget.reset_period_days)))
+        for name in self.policy.privacy.budgets:
+            self._update_budget_gauges(name)
+
+    def _update_budget_gauges(self, dataset: str) -> None:
+        budget = self.policy.privacy.budgets[dataset]
+        for unit in self.policy.privacy.allowed_units:
+            total = per_unit(budget.epsilon, unit)
+            self.metrics.epsilon_budget.labels(dataset, unit).set(total if total is not None else 0.0)
+            self.metrics.epsilon_spent.labels(dataset, unit).set(
+                self._state.spent(dataset, unit, budget_window_start(budget.reset_period_days)))
 
     def _log_audit(self, event: str, **fields: Any) -> None:
         self._audit.append(event, site=self.site, **fields)
@@ -209,7 +214,7 @@ class Agent:
             spec = offer.spec
             budget = self.policy.privacy.budgets.get(spec.dataset.name)
             since = budget_window_start(budget.reset_period_days if budget else None)
-            spent = self._state.committed(spec.dataset.name, since)
+            spent = {u: self._state.committed(spec.dataset.name, u, since) for u in UNITS}
             decision, data = await asyncio.to_thread(
                 evaluate, self.policy, spec, self.site, endpoints=self.endpoints, spent=spent,
                 active_jobs=len(self._state.active_jobs()), load=load_data,
@@ -218,19 +223,21 @@ class Agent:
                 decision.reasons.append(f"protocol {offer.protocol} is not supported (this agent: {PROTOCOL_VERSION})")
             verdict = "accepted" if decision.accepted else "refused"
             self._state.record_decision(offer.job_id, spec.model_dump_json(), verdict, decision.reasons,
-                                        spec.dataset.name, decision.epsilon_planned or 0.0)
+                                        spec.dataset.name, decision.planned)
             self._log_audit(
                 "job_decision", job_id=offer.job_id, requester=offer.requester, purpose=spec.purpose,
-                dataset=spec.dataset.name, decision=verdict, reasons=decision.reasons,
+                dataset=spec.dataset.name, decision=verdict, reasons=decision.reasons, unit=spec.privacy.unit,
                 epsilon_before=decision.epsilon_before,
                 epsilon_after=decision.epsilon_after if decision.accepted else decision.epsilon_before,
-                epsilon_planned=decision.epsilon_planned,
+                epsilon_planned=decision.epsilon_planned, epsilon_planned_by_unit=decision.planned,
             )
             self.metrics.jobs_decided.labels(verdict).inc()
-            if data is not None:
-                self._jobs[offer.job_id] = ActiveJob(spec, data)
-            log.info("job_decision", decision=verdict, reasons=decision.reasons, epsilon=decision.epsilon_planned)
-            self._event(offer.job_id, verdict, decision.reasons, epsilon_planned=decision.epsilon_planned)
+            if data is not None and decision.plan is not None:
+                self._jobs[offer.job_id] = ActiveJob(spec, data, decision.plan)
+            log.info("job_decision", decision=verdict, reasons=decision.reasons, unit=spec.privacy.unit,
+                     epsilon=decision.planned)
+            self._event(offer.job_id, verdict, decision.reasons, epsilon_planned=decision.epsilon_planned,
+                        planned=decision.planned if decision.accepted else {})
 
     def _activate(self, job_id: str, spec: JobSpec) -> ActiveJob | None:
         """Reload an accepted job after a restart; stop taking part if its data became unavailable."""
@@ -238,7 +245,8 @@ class Agent:
         reason = "the dataset is no longer in this site's policy"
         if ds is not None:
             try:
-                job = ActiveJob(spec, load_data(ds, spec))
+                data = load_data(ds, spec)
+                job = ActiveJob(spec, data, plan_privacy(spec, self.policy.privacy, data.n_train))
             except Exception as exc:  # DataError or anything the file throws at us
                 reason = str(exc)
             else:
@@ -333,34 +341,21 @@ class Agent:
         model = await self._global_model(task, spec)
         before = get_weights(model)
         evaluation = self._metrics(model, spec, job.data)
-        seed = round_seed(spec, self.site, task.round)
         t0 = time.perf_counter()
-        if spec.trainer is not None:  # the site's registered trainer; its output is privatized like any other
-            from agent.fedml_adapter import train_registered
-
-            train_loss = await asyncio.to_thread(train_registered, model, self.policy.trainers, spec,
-                                                 job.data.x_train, job.data.y_train, seed, task.round)
-        elif spec.privacy.unit == "record":
-            from agent.dpsgd import train_dpsgd
-
-            train_loss = await asyncio.to_thread(train_dpsgd, model, job.data.x_train, job.data.y_train, spec, seed)
-        else:
-            train_loss = await asyncio.to_thread(
-                train_local, model, job.data.x_train, job.data.y_train, spec.hyperparameters, seed,
-                spec.aggregation_params.proximal_mu if spec.aggregation == "fedprox" else 0.0,
-            )
+        train_loss = await asyncio.to_thread(train_round, model, spec, job.data, job.plan, self.policy.trainers,
+                                             self.site, task.round)
         after = get_weights(model)
         delta = {k: after[k] - before[k] for k in before}
         budget = self.policy.privacy.budgets[spec.dataset.name]
         update = self._privacy.privatize(
-            self.site, task.job_id, task.round, spec, delta, job.data.n_train, evaluation, train_loss,
-            budget=budget.epsilon, budget_since=budget_window_start(budget.reset_period_days),
+            self.site, task.job_id, task.round, spec, job.plan, delta, job.data.n_train, evaluation, train_loss,
+            budget=budget, budget_since=budget_window_start(budget.reset_period_days),
             share_tracking=self.policy.egress.share_tracking,
         )
         self.metrics.rounds_trained.inc()
-        self.metrics.epsilon_spent.labels(spec.dataset.name).set(
-            self._state.spent(spec.dataset.name, budget_window_start(budget.reset_period_days)))
-        log.info("round_trained", train_loss=round(train_loss, 4), epsilon=update.envelope.epsilon,
+        self._update_budget_gauges(spec.dataset.name)
+        log.info("round_trained", train_loss=round(train_loss, 4), unit=spec.privacy.unit,
+                 epsilon={s.unit: s.epsilon for s in update.envelope.privacy},
                  val_auc=evaluation.auc if evaluation else None, train_s=round(time.perf_counter() - t0, 3))
         return update
 

@@ -1,81 +1,86 @@
-"""Record-level DP: local training with DP-SGD (Opacus: Poisson-sampled batches, per-example clipping,
-Gaussian noise), and its accounting with Opacus's RDP accountant.
+"""Record-level DP (the patient unit): DP-SGD for one round of local training.
 
-Used when a job declares `privacy.unit: record`. The update-level clip and noise still apply on top.
+DP-SGD (Abadi et al. 2016) with Opacus's per-example gradients and clipping (`GradSampleModule`, `DPOptimizer`):
+each step trains on a Poisson sample of the site's records, clips every record's gradient to `record_clip_norm`
+and adds Gaussian noise to their sum. Both random draws the guarantee rests on — who is in a batch, and the noise —
+come from the OS's CSPRNG (`federation.noise`), fresh every step, so nobody who knows the job (its seed, the
+site, the round) can regenerate them. Opacus's own `secure_mode` would need `torchcsprng`, which has no build for
+torch 2.13; its DP-SGD pieces are used as they are, with the noise drawn here instead.
+
+The site's plan (σ, sampling rate, steps) is `agent.record_plan.RecordPlan`.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
-from federation.jobs import JobSpec
+from agent.record_plan import RecordPlan
+from federation import noise
+from federation.jobs import Hyperparameters, JobSpec
 
 
-def steps_per_round(spec: JobSpec, n_train: int) -> int:
-    hp = spec.hyperparameters
-    steps = hp.epochs * math.ceil(n_train / hp.batch_size)
-    return min(steps, hp.max_steps) if hp.max_steps is not None else steps
+class CsprngDPOptimizer(DPOptimizer):  # type: ignore[misc]  # Opacus ships no type hints
+    """Opacus's DP-SGD optimizer with its Gaussian noise drawn from the OS's CSPRNG (`federation.noise`)."""
+
+    def add_noise(self) -> None:
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            std = self.noise_multiplier * self.max_grad_norm
+            p.grad = (p.summed_grad + noise.gaussian_like(p.summed_grad, std)).view_as(p)
+            _mark_as_processed(p.summed_grad)
 
 
-def record_epsilon(spec: JobSpec, n_train: int | None, rounds: int | None = None) -> float:
-    """ε of DP-SGD over `rounds` rounds (default: all of the job's rounds) on `n_train` records."""
-    p = spec.privacy
-    if p.record_noise_multiplier is None:
-        raise ValueError("the job has no record-level noise multiplier")
-    if n_train is None or n_train <= 0:
-        raise ValueError("record-level ε needs the number of training records")
-    rounds = spec.rounds if rounds is None else rounds
-    if rounds == 0:
-        return 0.0
-    q = min(1.0, spec.hyperparameters.batch_size / n_train)
-    accountant = RDPAccountant()
-    accountant.history = [(p.record_noise_multiplier, q, steps_per_round(spec, n_train) * rounds)]
-    return float(accountant.get_epsilon(p.delta))
+def _optimizer(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
+    if hp.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay,
+                           momentum=hp.momentum)
 
 
-def train_dpsgd(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: JobSpec, seed: int) -> float:
-    """DP-SGD for one round's local training; returns the mean batch loss."""
-    p, hp = spec.privacy, spec.hyperparameters
-    assert p.record_noise_multiplier is not None and p.record_clip_norm is not None
-    gen = torch.Generator().manual_seed(seed)
-    data = torch.utils.data.TensorDataset(torch.from_numpy(x), torch.from_numpy(y).float())
-    loader = torch.utils.data.DataLoader(data, batch_size=hp.batch_size, generator=gen)
-    opt: torch.optim.Optimizer = (
-        torch.optim.Adam(model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay)
-        if hp.optimizer == "adam"
-        else torch.optim.SGD(model.parameters(), lr=hp.learning_rate, weight_decay=hp.weight_decay,
-                             momentum=hp.momentum)
-    )
+def train_dpsgd(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: JobSpec, plan: RecordPlan) -> float:
+    """One round of DP-SGD on this site's records, in place; returns the mean loss of the non-empty batches.
+
+    Every one of the plan's steps is taken, an empty Poisson sample included (its update is noise alone): skipping
+    it would reveal that the sample was empty, and the accountant counts every step."""
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).float()
     model.train()  # Opacus refuses a module in eval mode
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Opacus warns about its non-cryptographic RNG and backward hooks
-        engine = PrivacyEngine(accountant="rdp")
-        private, opt, loader = engine.make_private(
-            module=model, optimizer=opt, data_loader=loader, noise_multiplier=p.record_noise_multiplier,
-            max_grad_norm=p.record_clip_norm, noise_generator=gen,
+        warnings.simplefilter("ignore")  # Opacus warns about its own non-cryptographic RNG, unused here
+        private = GradSampleModule(model, loss_reduction="mean")
+        opt = CsprngDPOptimizer(
+            _optimizer(model, spec.hyperparameters), noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=plan.clip_norm, expected_batch_size=max(1, round(plan.sampling_rate * plan.records)),
+            loss_reduction="mean",
         )
-        loss_fn = nn.BCEWithLogitsLoss()
-        losses: list[float] = []
-        budget = steps_per_round(spec, len(y))
-        private.train()
-        while len(losses) < budget:
-            for xb, yb in loader:
-                if len(xb) == 0:
-                    continue
-                opt.zero_grad()
-                loss = loss_fn(private(xb).squeeze(-1), yb)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-                if len(losses) >= budget:
-                    break
-    # Opacus wraps the module in place; copy the trained weights back to the plain model.
-    model.load_state_dict({k.removeprefix("_module."): v for k, v in private.state_dict().items()})
+    losses: list[float] = []
+    with warnings.catch_warnings():
+        # torch notes that Opacus's backward hooks fire on a module whose inputs need no gradient: expected here.
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            _steps(private, opt, xt, yt, plan, losses)
+        finally:
+            private._close()  # remove Opacus's hooks and per-example gradients: the model is a plain module again
     return float(np.mean(losses)) if losses else 0.0
+
+
+def _steps(private: GradSampleModule, opt: DPOptimizer, xt: torch.Tensor, yt: torch.Tensor, plan: RecordPlan,
+           losses: list[float]) -> None:
+    loss_fn = nn.BCEWithLogitsLoss()
+    for _ in range(plan.steps_per_round):
+        idx = torch.from_numpy(noise.poisson_sample(plan.records, plan.sampling_rate))
+        opt.zero_grad(set_to_none=True)
+        if len(idx) == 0:
+            for p in private.parameters():  # an empty sample: no gradient, so the step is noise alone
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+        else:
+            loss = loss_fn(private(xt[idx]).squeeze(-1), yt[idx])
+            loss.backward()
+            losses.append(float(loss.detach()))
+        opt.step()

@@ -18,11 +18,12 @@ from pydantic import Field, field_validator
 
 from agent.data import DataError, SiteData
 from agent.fedml_adapter import TrainerRegistration, trainer_refusals
-from agent.privacy import job_epsilon
-from federation.jobs import JobSpec
+from agent.privacy_policy import BudgetPolicy, PerUnit, PrivacyPolicy, SitePrivacy, per_unit, privacy_refusals
+from federation.jobs import UNIT_WORDS, JobSpec
 from federation.models import count_parameters
-from federation.privacy import epsilon_for
 from federation.schema import Frozen
+
+__all__ = ["BudgetPolicy", "DatasetPolicy", "Decision", "PrivacyPolicy", "SitePolicy", "describe", "evaluate"]
 
 # Metrics the agent knows how to compute as aggregates over its validation records. Nothing else can be
 # requested as a metric, whatever a policy lists.
@@ -39,20 +40,6 @@ class DatasetPolicy(Frozen):
     target: str = Field(description="The only column a job may use as its target")
     min_cohort: int = Field(default=50, ge=1, description="Fewest records with a target a job may train on")
     allowed_purposes: list[str] = Field(min_length=1)
-
-
-class BudgetPolicy(Frozen):
-    epsilon: float = Field(gt=0, description="Total ε this dataset may spend over all jobs (per period)")
-    delta: float = Field(default=1e-5, gt=0, lt=1, description="Largest δ a job may use")
-    reset_period_days: int | None = Field(default=None, ge=1, description="None: the budget never resets")
-
-
-class PrivacyPolicy(Frozen):
-    min_noise_multiplier: float = Field(ge=0, description="Update-level noise floor (σ)")
-    max_clip_norm: float = Field(gt=0, description="Update-level clip ceiling (C)")
-    max_epsilon_per_job: float = Field(gt=0)
-    budgets: dict[str, BudgetPolicy] = Field(description="Per dataset name")
-    allowed_units: list[Literal["site", "record"]] = Field(default=["site", "record"])
 
 
 class EgressPolicy(Frozen):
@@ -115,17 +102,30 @@ class SitePolicy(Frozen):
 
 @dataclass
 class Decision:
+    unit: str = "site"  # the job's unit: `epsilon_*` are in it
     reasons: list[str] = field(default_factory=list)
-    epsilon_planned: float | None = None
-    epsilon_before: float = 0.0
+    planned: dict[str, float] = field(default_factory=dict)  # ε the job may spend here, per unit it is charged in
+    before: dict[str, float] = field(default_factory=dict)  # ε spent or reserved on the dataset, per unit
+    plan: SitePrivacy | None = None
 
     @property
     def accepted(self) -> bool:
         return not self.reasons
 
     @property
+    def epsilon_planned(self) -> float | None:
+        return self.planned.get(self.unit)
+
+    @property
+    def epsilon_before(self) -> float:
+        return self.before.get(self.unit, 0.0)
+
+    @property
     def epsilon_after(self) -> float:
         return self.epsilon_before + (self.epsilon_planned or 0.0)
+
+    def after(self) -> dict[str, float]:
+        return {u: self.before.get(u, 0.0) + e for u, e in self.planned.items()}
 
 
 def endpoint_of(url: str) -> str:
@@ -138,15 +138,16 @@ DataLoader = Callable[[DatasetPolicy, JobSpec], SiteData]
 
 
 def evaluate(
-    policy: SitePolicy, spec: JobSpec, site: str, *, endpoints: list[str], spent: float, active_jobs: int,
-    load: DataLoader, now: dt.datetime | None = None,
+    policy: SitePolicy, spec: JobSpec, site: str, *, endpoints: list[str], spent: dict[str, float],
+    active_jobs: int, load: DataLoader, now: dt.datetime | None = None,
 ) -> tuple[Decision, SiteData | None]:
     """Every reason `spec` is not allowed here, and the site's data when it may be read.
 
-    `spent` is the ε already spent on the job's dataset. Data is read (only the allowed columns) only once
-    the dataset, purpose and columns have passed, since the cohort size and record-level ε depend on it.
+    `spent` is the ε already spent or reserved on the job's dataset, per unit. Data is read (only the allowed
+    columns) only once the dataset, purpose and columns have passed, since the cohort size and the record-level
+    plan depend on it.
     """
-    d = Decision(epsilon_before=spent)
+    d = Decision(unit=spec.privacy.unit, before=dict(spent))
     r = d.reasons
     if site not in spec.sites:
         r.append(f"the job does not list this site ({site})")
@@ -172,31 +173,11 @@ def evaluate(
                 if data.n_train + data.n_val < ds.min_cohort:
                     r.append(f"cohort of {data.n_train + data.n_val} records is below this site's minimum "
                              f"{ds.min_cohort}")
-    p, pp = spec.privacy, policy.privacy
-    if p.noise_multiplier < pp.min_noise_multiplier and p.target_epsilon is not None:
-        floor_eps = epsilon_for(pp.min_noise_multiplier, spec.rounds, p.delta)
-        r.append(f"target ε {p.target_epsilon:g} over {spec.rounds} rounds (δ {p.delta:g}) needs noise multiplier "
-                 f"{p.noise_multiplier:.3f}, below this site's floor {pp.min_noise_multiplier} (which allows at most "
-                 f"ε {floor_eps:.2f} for these rounds)")
-    elif p.noise_multiplier < pp.min_noise_multiplier:
-        r.append(f"noise multiplier {p.noise_multiplier} is below this site's floor {pp.min_noise_multiplier}")
-    if p.clip_norm > pp.max_clip_norm:
-        r.append(f"clip norm {p.clip_norm} is above this site's ceiling {pp.max_clip_norm}")
-    if p.unit not in pp.allowed_units:
-        r.append(f"privacy unit {p.unit!r} is not allowed (allowed: {', '.join(pp.allowed_units)})")
-    budget = pp.budgets.get(spec.dataset.name)
-    if budget is None:
-        r.append(f"no privacy budget is set for dataset {spec.dataset.name!r}")
-    elif p.delta > budget.delta:
-        r.append(f"δ {p.delta:g} is above this site's {budget.delta:g}")
-    if p.unit == "site" or data is not None:
-        d.epsilon_planned = job_epsilon(spec, data.n_train if data is not None else None)
-        if d.epsilon_planned > pp.max_epsilon_per_job:
-            r.append(f"projected ε {d.epsilon_planned:.2f} exceeds this site's per-job maximum "
-                     f"{pp.max_epsilon_per_job}")
-        if budget is not None and spent + d.epsilon_planned > budget.epsilon:
-            r.append(f"projected ε {d.epsilon_planned:.2f} exceeds the remaining budget "
-                     f"{max(budget.epsilon - spent, 0):.2f} of {budget.epsilon} for {spec.dataset.name!r}")
+    refusals, d.plan = privacy_refusals(spec, policy.privacy, data.n_train if data is not None else None, spent,
+                                        spec.dataset.name)
+    r.extend(refusals)
+    if d.plan is not None:
+        d.planned = d.plan.epsilon(spec.rounds)
     for endpoint in endpoints:
         if endpoint not in policy.egress.allowed_endpoints:
             r.append(f"endpoint {endpoint} is not on the egress allowlist")
@@ -236,11 +217,18 @@ def describe(policy: SitePolicy) -> list[str]:
         out.append(f"Dataset {name!r}: {ds.path} ({ds.format}); columns {', '.join(ds.allowed_columns)}; target "
                    f"{ds.target!r}; at least {ds.min_cohort} records; purposes: {', '.join(ds.allowed_purposes)}.")
     pp = policy.privacy
-    out.append(f"Privacy: noise multiplier ≥ {pp.min_noise_multiplier}, clip norm ≤ {pp.max_clip_norm}, "
-               f"ε ≤ {pp.max_epsilon_per_job} per job; units: {', '.join(pp.allowed_units)}.")
+    units = ", ".join(f"{u} ({UNIT_WORDS[u]})" for u in pp.allowed_units)
+    required = f"; always applies {', '.join(pp.required_units)}-level DP too" if pp.required_units else ""
+    out.append(f"Privacy units: {units}{required}. Every update clipped to norm ≤ {pp.max_clip_norm}.")
+    for unit in pp.allowed_units:
+        floor = (f"update noise multiplier ≥ {pp.min_noise_multiplier}" if unit == "site" else
+                 f"DP-SGD noise multiplier ≥ {pp.min_record_noise_multiplier}, per-example clip ≤ "
+                 f"{pp.max_record_clip_norm}")
+        out.append(f"  {unit} unit ({UNIT_WORDS[unit]}): {floor}; ε ≤ {_limit(pp.max_epsilon_per_job, unit)} per job.")
     for name, b in pp.budgets.items():
         period = f"every {b.reset_period_days} days" if b.reset_period_days else "never resets"
-        out.append(f"Budget for {name!r}: ε {b.epsilon} in total at δ ≤ {b.delta:g} ({period}).")
+        totals = "; ".join(f"ε {_limit(b.epsilon, u)} {UNIT_WORDS[u]}" for u in pp.allowed_units)
+        out.append(f"Budget for {name!r}: {totals}, in total at δ ≤ {b.delta:g} ({period}).")
     e = policy.egress
     out.append(f"Egress: only to {', '.join(e.allowed_endpoints)}; at most {e.max_upload_bytes_per_round} bytes "
                f"per round; metrics {', '.join(e.allowed_metrics)} over at least {e.min_records_per_metric} records; "
@@ -254,6 +242,11 @@ def describe(policy: SitePolicy) -> list[str]:
         out.append(f"Trainer {name!r}: {t.import_path} (source sha256 {t.source_sha256[:12]}…), for models "
                    f"{', '.join(t.models)} on {', '.join(t.datasets)}.")
     return out
+
+
+def _limit(value: PerUnit, unit: str) -> str:
+    v = per_unit(value, unit)
+    return "none (refused)" if v is None else f"{v:g}"
 
 
 def policy_json_schema() -> str:

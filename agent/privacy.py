@@ -1,24 +1,23 @@
 """The agent's privacy engine: the one place an update becomes releasable.
 
-It clips and noises the round delta (`federation.privacy`), accounts the spend (RDP accountant, for the
-guarantee the job declares), refuses to exceed the dataset's budget, and writes spend and released bytes to
-the durable release log *before* returning. Only this module can construct a `PrivatizedUpdate`, and the
-egress gate sends nothing else.
+It clips the round delta to the job's update bound and, where the site unit applies, adds update-level noise
+(`federation.privacy`; none for a record-level job, whose guarantee DP-SGD gave during training); it accounts the
+spend in every unit the site's plan protects (`agent.privacy_policy.SitePrivacy`), refuses to exceed any of the
+dataset's budgets, and writes spend and released bytes to the durable release log *before* returning. Only this
+module can construct a `PrivatizedUpdate`, and the egress gate sends nothing else.
 """
 
 from __future__ import annotations
 
 import math
-import secrets
 import time
 
-import numpy as np
-
+from agent.privacy_policy import BudgetPolicy, SitePrivacy, per_unit
 from agent.state import AgentState, Release
-from federation.jobs import JobSpec
-from federation.messages import EvalMetrics, UpdateEnvelope
+from federation.jobs import UNIT_WORDS, JobSpec
+from federation.messages import EvalMetrics, UnitSpend, UpdateEnvelope
 from federation.models import Weights
-from federation.privacy import epsilon_for, privatize
+from federation.privacy import privatize
 from federation.tensors import encode, sha256_hex
 
 _TOKEN = object()
@@ -31,18 +30,6 @@ class AlreadyReleasedError(RuntimeError):
 
 class BudgetExhaustedError(RuntimeError):
     """Releasing this round would take the dataset past its privacy budget."""
-
-
-def job_epsilon(spec: JobSpec, n_train: int | None, rounds: int | None = None) -> float:
-    """ε the job spends at this site over `rounds` (default: all), under the guarantee it declares:
-    update-level (a site's whole contribution) or record-level (DP-SGD, one patient record)."""
-    p = spec.privacy
-    rounds = spec.rounds if rounds is None else rounds
-    if p.unit == "record":
-        from agent.dpsgd import record_epsilon
-
-        return record_epsilon(spec, n_train, rounds)
-    return epsilon_for(p.noise_multiplier, rounds, p.delta)
 
 
 def budget_window_start(reset_period_days: int | None, now: float | None = None) -> float:
@@ -61,38 +48,44 @@ class PrivatizedUpdate:
 
 
 class PrivacyEngine:
-    def __init__(self, state: AgentState, rng: np.random.Generator | None = None) -> None:
+    def __init__(self, state: AgentState) -> None:
         self._state = state
-        # Noise must be unpredictable to the aggregator: seed from the OS's CSPRNG unless a test pins it.
-        self._rng = rng or np.random.default_rng(secrets.randbits(128))
 
     def privatize(
-        self, site: str, job_id: str, rnd: int, spec: JobSpec, delta: Weights, num_samples: int,
-        evaluation: EvalMetrics | None, train_loss: float, budget: float, budget_since: float = 0.0,
+        self, site: str, job_id: str, rnd: int, spec: JobSpec, plan: SitePrivacy, delta: Weights, num_samples: int,
+        evaluation: EvalMetrics | None, train_loss: float, budget: BudgetPolicy, budget_since: float = 0.0,
         share_tracking: bool = True,
     ) -> PrivatizedUpdate:
-        """Clip, noise, account and log one round's update. `budget` is the dataset's total ε (per period
-        starting at `budget_since`); a release that would exceed it raises `BudgetExhaustedError`."""
+        """Clip (and noise, for the site unit), account and log one round's update. `budget` is the dataset's
+        (per period starting at `budget_since`); a release that would exceed it in any unit raises
+        `BudgetExhaustedError`."""
         if self._state.release(job_id, rnd) is not None:
             raise AlreadyReleasedError(f"round {rnd} of job {job_id} already released an update")
-        p = spec.privacy
-        released = self._state.releases_for(job_id) + 1
-        eps = job_epsilon(spec, num_samples, released)
-        others = self._state.spent(spec.dataset.name, budget_since, exclude_job=job_id)
-        if others + eps > budget:
-            raise BudgetExhaustedError(
-                f"round {rnd} would bring ε on {spec.dataset.name!r} to {others + eps:.2f}, past the budget {budget}"
-            )
-        noisy, _ = privatize(delta, p.clip_norm, p.noise_multiplier, self._rng)
-        payload = encode(noisy)
-        reported = eps if math.isfinite(eps) else None
+        eps = plan.epsilon(self._state.releases_for(job_id) + 1)
+        for unit, e in eps.items():
+            total = per_unit(budget.epsilon, unit)
+            others = self._state.spent(spec.dataset.name, unit, budget_since, exclude_job=job_id)
+            if total is None or others + e > total:
+                raise BudgetExhaustedError(
+                    f"round {rnd} would bring ε {UNIT_WORDS[unit]} on {spec.dataset.name!r} to {others + e:.2f}, "
+                    f"past the budget {total if total is not None else 'of none'}"
+                )
+        released, _ = privatize(delta, plan.clip_norm, plan.update_noise)
+        payload = encode(released)
+        sigma = {"site": plan.update_noise,
+                 "record": plan.record.noise_multiplier if plan.record is not None else 0.0}
+        spend = [UnitSpend(unit=u, epsilon=e if math.isfinite(e) else None, noise_multiplier=sigma[u])  # type: ignore[arg-type]
+                 for u, e in eps.items()]
+        headline = eps.get(spec.privacy.unit, math.inf)
         envelope = UpdateEnvelope(
             job_id=job_id, round=rnd, site=site, num_samples=num_samples, sha256=sha256_hex(payload),
-            evaluation=evaluation, train_loss=train_loss, epsilon=reported, share_tracking=share_tracking,
+            evaluation=evaluation, train_loss=train_loss, epsilon=headline if math.isfinite(headline) else None,
+            privacy=spend, share_tracking=share_tracking,
         )
         self._state.record_release(
-            Release(job_id, rnd, spec.dataset.name, p.noise_multiplier, eps, payload, envelope.model_dump_json(),
-                    sent=False)
+            Release(job_id, rnd, spec.dataset.name, sigma[spec.privacy.unit], headline, payload,
+                    envelope.model_dump_json(), sent=False),
+            spend=eps,
         )
         return PrivatizedUpdate(_TOKEN, job_id, rnd, payload, envelope)
 
@@ -102,8 +95,3 @@ class PrivacyEngine:
         if r is None:
             return None
         return PrivatizedUpdate(_TOKEN, job_id, rnd, r.payload, UpdateEnvelope.model_validate_json(r.envelope))
-
-    def spent(self, job_id: str, spec: JobSpec, n_train: int | None) -> float | None:
-        """ε this job has spent here so far; None when it runs without noise (no guarantee)."""
-        eps = job_epsilon(spec, n_train, self._state.releases_for(job_id))
-        return eps if math.isfinite(eps) else None

@@ -1,17 +1,23 @@
 """The agent's durable state (SQLite, WAL, synchronous=FULL): job decisions and the release log.
 
-The release log is the privacy ledger: a row holds the ε spent by one round *and* the exact privatized
-bytes released for it, written in one transaction before anything is sent. After a crash the agent resends
-those same bytes instead of training again, so a round is never released (nor charged) twice.
+The release log is the privacy ledger: a round's exact privatized bytes and the ε it spends *in each unit* its
+mechanisms protect (`spend`: per patient record, per site, or both) are written in one transaction before
+anything is sent. After a crash the agent resends those same bytes instead of training again, so a round is
+never released (nor charged) twice. Budgets are kept per unit: a job is charged in the units its mechanisms
+protect, and must fit in each of those ledgers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from federation.faults import failpoint
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -28,6 +34,25 @@ CREATE TABLE IF NOT EXISTS releases (
   at REAL NOT NULL, PRIMARY KEY (job_id, round));
 -- Covering index for the ledger queries: without it every budget check walks each release's payload pages.
 CREATE INDEX IF NOT EXISTS releases_ledger ON releases (dataset, at, job_id, epsilon);
+-- The ledger proper: ε per unit per released round (cumulative over the job's rounds so far).
+CREATE TABLE IF NOT EXISTS spend (
+  job_id TEXT NOT NULL, round INTEGER NOT NULL, dataset TEXT NOT NULL, unit TEXT NOT NULL, epsilon REAL NOT NULL,
+  at REAL NOT NULL, PRIMARY KEY (job_id, round, unit));
+CREATE INDEX IF NOT EXISTS spend_ledger ON spend (dataset, unit, at, job_id, epsilon);
+-- What an accepted job may spend in each unit over all its rounds (its plan), reserved against the budgets.
+CREATE TABLE IF NOT EXISTS plans (job_id TEXT NOT NULL, unit TEXT NOT NULL, epsilon REAL NOT NULL,
+  PRIMARY KEY (job_id, unit));
+"""
+# A state database written before the ledger was kept per unit has one ε per release and per plan, in the unit
+# the job declared: copy those into `spend` and `plans` once (idempotent), so no spend is forgotten on upgrade.
+_MIGRATE = """
+INSERT OR IGNORE INTO spend SELECT r.job_id, r.round, r.dataset,
+  COALESCE(json_extract(j.spec, '$.privacy.unit'), 'site'), r.epsilon, r.at
+  FROM releases r LEFT JOIN jobs j ON j.job_id = r.job_id
+  WHERE NOT EXISTS (SELECT 1 FROM spend s WHERE s.job_id = r.job_id AND s.round = r.round);
+INSERT OR IGNORE INTO plans SELECT j.job_id, COALESCE(json_extract(j.spec, '$.privacy.unit'), 'site'),
+  j.epsilon_planned FROM jobs j
+  WHERE j.decision = 'accepted' AND NOT EXISTS (SELECT 1 FROM plans p WHERE p.job_id = j.job_id);
 """
 
 
@@ -50,16 +75,35 @@ class AgentState:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._db.executescript(f"BEGIN; {_MIGRATE} COMMIT;")
 
     def record_decision(
         self, job_id: str, spec_json: str, decision: str, reasons: list[str], dataset: str = "",
-        epsilon_planned: float = 0.0,
+        planned: dict[str, float] | None = None,
     ) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO jobs (job_id, spec, decision, reasons, at, dataset, epsilon_planned)"
-            " VALUES (?,?,?,?,?,?,?)",
-            (job_id, spec_json, decision, json.dumps(reasons), time.time(), dataset, epsilon_planned),
-        )
+        """Record the decision and, for an accepted job, the ε it may spend in each unit (its plan)."""
+        planned = planned or {}
+        with self._transaction():
+            self._db.execute(
+                "INSERT OR REPLACE INTO jobs (job_id, spec, decision, reasons, at, dataset, epsilon_planned)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (job_id, spec_json, decision, json.dumps(reasons), time.time(), dataset,
+                 max(planned.values(), default=0.0)),
+            )
+            self._db.execute("DELETE FROM plans WHERE job_id=?", (job_id,))
+            if decision == "accepted":
+                self._db.executemany("INSERT INTO plans VALUES (?,?,?)",
+                                     [(job_id, unit, eps) for unit, eps in planned.items()])
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def decision(self, job_id: str) -> tuple[str, list[str], bool] | None:
         row = self._db.execute("SELECT decision, reasons, closed FROM jobs WHERE job_id=?", (job_id,)).fetchone()
@@ -91,35 +135,48 @@ class AgentState:
         row = self._db.execute("SELECT seq, hash FROM audit_head WHERE id=1").fetchone()
         return (int(row[0]), str(row[1])) if row else None
 
-    def spent(self, dataset: str, since: float = 0.0, exclude_job: str | None = None) -> float:
-        """ε spent on `dataset`: each job's cumulative ε (basic composition across jobs), counting every job
-        that released anything since `since` in full (conservative across a budget reset)."""
+    def spent(self, dataset: str, unit: str, since: float = 0.0, exclude_job: str | None = None) -> float:
+        """ε spent on `dataset` in `unit`: each job's cumulative ε (basic composition across jobs), counting every
+        job that released anything since `since` in full (conservative across a budget reset)."""
         rows = self._db.execute(
-            "SELECT job_id, MAX(epsilon) FROM releases WHERE dataset=? AND job_id IN "
-            "(SELECT job_id FROM releases WHERE dataset=? AND at>=?) GROUP BY job_id",
-            (dataset, dataset, since),
+            "SELECT job_id, MAX(epsilon) FROM spend WHERE dataset=? AND unit=? AND job_id IN "
+            "(SELECT job_id FROM spend WHERE dataset=? AND unit=? AND at>=?) GROUP BY job_id",
+            (dataset, unit, dataset, unit, since),
         ).fetchall()
         return float(sum(eps for job, eps in rows if job != exclude_job))
 
-    def committed(self, dataset: str, since: float = 0.0) -> float:
-        """ε spent on `dataset` plus what running jobs on it may still spend (their plan): what a new job
-        must fit beside, so that concurrent jobs can never jointly overrun the budget."""
-        total = self.spent(dataset, since)
+    def committed(self, dataset: str, unit: str, since: float = 0.0) -> float:
+        """ε spent on `dataset` in `unit` plus what running jobs may still spend in it (their plan): what a new
+        job must fit beside, so that concurrent jobs can never jointly overrun the budget."""
+        total = self.spent(dataset, unit, since)
         for job_id, planned in self._db.execute(
-            "SELECT job_id, epsilon_planned FROM jobs WHERE decision='accepted' AND closed=0 AND dataset=?",
-            (dataset,),
+            "SELECT p.job_id, p.epsilon FROM plans p JOIN jobs j ON j.job_id = p.job_id"
+            " WHERE j.decision='accepted' AND j.closed=0 AND j.dataset=? AND p.unit=?",
+            (dataset, unit),
         ).fetchall():
-            row = self._db.execute("SELECT MAX(epsilon) FROM releases WHERE job_id=?", (job_id,)).fetchone()
+            row = self._db.execute("SELECT MAX(epsilon) FROM spend WHERE job_id=? AND unit=?",
+                                   (job_id, unit)).fetchone()
             released = float(row[0]) if row and row[0] is not None else 0.0
             total += max(float(planned) - released, 0.0)
         return total
 
-    def record_release(self, r: Release) -> None:
-        """Durably log a round's spend and released bytes; raises if the round was already released."""
-        self._db.execute(
-            "INSERT INTO releases VALUES (?,?,?,?,?,?,?,?,?)",
-            (r.job_id, r.round, r.dataset, r.noise_multiplier, r.epsilon, r.payload, r.envelope, 0, time.time()),
-        )
+    def record_release(self, r: Release, spend: dict[str, float]) -> None:
+        """Durably log a round's released bytes and its ε in each unit, in one transaction; raises if the round
+        was already released."""
+        at = time.time()
+        with self._transaction():
+            self._db.execute(
+                "INSERT INTO releases VALUES (?,?,?,?,?,?,?,?,?)",
+                (r.job_id, r.round, r.dataset, r.noise_multiplier, r.epsilon, r.payload, r.envelope, 0, at),
+            )
+            failpoint("ledger_between_release_and_spend")
+            self._db.executemany("INSERT INTO spend VALUES (?,?,?,?,?,?)",
+                                 [(r.job_id, r.round, r.dataset, unit, eps, at) for unit, eps in spend.items()])
+
+    def job_spend(self, job_id: str) -> dict[str, float]:
+        """ε this job has spent so far, per unit."""
+        return {str(u): float(e) for u, e in self._db.execute(
+            "SELECT unit, MAX(epsilon) FROM spend WHERE job_id=? GROUP BY unit", (job_id,)).fetchall()}
 
     def release(self, job_id: str, rnd: int) -> Release | None:
         row = self._db.execute(

@@ -24,10 +24,11 @@ class AgentMetrics:
                                         registry=r)
         self.egress_refused = Counter("fedsilo_agent_egress_refused", "Sends refused by the egress gate.",
                                       ["what"], registry=r)
-        self.epsilon_spent = Gauge("fedsilo_agent_epsilon_spent", "ε spent on a dataset (all jobs).", ["dataset"],
-                                   registry=r)
-        self.epsilon_budget = Gauge("fedsilo_agent_epsilon_budget", "ε budget of a dataset.", ["dataset"],
-                                    registry=r)
+        # `unit`: record (ε per patient record) or site (ε per hospital dataset); each unit has its own ledger.
+        self.epsilon_spent = Gauge("fedsilo_agent_epsilon_spent", "ε spent on a dataset (all jobs), per unit.",
+                                   ["dataset", "unit"], registry=r)
+        self.epsilon_budget = Gauge("fedsilo_agent_epsilon_budget", "ε budget of a dataset, per unit.",
+                                    ["dataset", "unit"], registry=r)
         self.bytes_sent = Counter("fedsilo_agent_sent_bytes", "Bytes sent to the aggregator (HTTP bodies).",
                                   registry=r)
         self.connected = Gauge("fedsilo_agent_broker_connected", "1 while connected to the broker.", registry=r)

@@ -2,13 +2,46 @@
 
 from __future__ import annotations
 
+import hashlib
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from federation.jobs import Hyperparameters
+from federation.jobs import Hyperparameters, JobSpec
 from federation.messages import EvalMetrics
+
+if TYPE_CHECKING:
+    from agent.data import SiteData
+    from agent.fedml_adapter import TrainerRegistration
+    from agent.privacy_policy import SitePrivacy
+
+
+def round_seed(spec: JobSpec, site: str, rnd: int) -> int:
+    """A reproducible seed for randomness no DP guarantee rests on (the shuffling of non-private training). The
+    aggregator can compute it: DP-SGD's sampling and noise never use it (`federation.noise`)."""
+    digest = hashlib.sha256(f"{spec.seed}/{site}/{rnd}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def train_round(
+    model: nn.Module, spec: JobSpec, data: SiteData, plan: SitePrivacy, trainers: dict[str, TrainerRegistration],
+    site: str, rnd: int,
+) -> float:
+    """One round of local training as the job and the site's plan say: the site's registered trainer, DP-SGD for
+    the record unit, or plain minibatch SGD (shuffled reproducibly) for the site unit. Returns the mean loss."""
+    if spec.trainer is not None:  # the site's registered trainer; its output is privatized like any other
+        from agent.fedml_adapter import train_registered
+
+        return train_registered(model, trainers, spec, data.x_train, data.y_train, round_seed(spec, site, rnd), rnd)
+    if plan.record is not None:
+        from agent.dpsgd import train_dpsgd
+
+        return train_dpsgd(model, data.x_train, data.y_train, spec, plan.record)
+    return train_local(model, data.x_train, data.y_train, spec.hyperparameters, round_seed(spec, site, rnd),
+                       spec.aggregation_params.proximal_mu if spec.aggregation == "fedprox" else 0.0)
 
 
 def _optimizer(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:

@@ -126,7 +126,7 @@ def operator(role: Role) -> Callable[[Handler], Handler]:
 class RejectionLog:
     """Every refused request is counted in /metrics and logged (a line per site and reason at most every 30 s, its
     detail truncated). It becomes a stored row, shown on the job's page and in its report, only for a site invited
-    to a running job, and at most `rows_per_round` times per job, round and site: an unauthenticated caller, or
+    to the job, and at most `rows_per_round` times per job, round and site: an unauthenticated caller, or
     one naming a job it is not in, must not write a row per request."""
 
     def __init__(self, rows_per_round: int = 20, detail_chars: int = 500, max_keys: int = 100_000) -> None:
@@ -155,7 +155,8 @@ async def reject(
     app[METRICS].updates_rejected.labels(site or "unknown", r.reason).inc()
     rejections.log.warning("upload_rejected", (site or "unknown", r.reason), site=site, reason=r.reason,
                            detail=detail, job=job_id, round=rnd)
-    if site is not None and job_id is not None and app[ENGINE].invited(job_id, site) \
+    if site is not None and job_id is not None and (
+            app[ENGINE].invited(job_id, site) or await app[DB].read(lambda s: s.invited(job_id, site))) \
             and rejections.should_store(job_id, rnd, site):
         await app[DB](app[DB].store.add_rejection, job_id, rnd, site, r.reason, detail, time.time())
     return error(r.status, r.reason, detail)

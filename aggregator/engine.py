@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from aggregator.jobevents import JobEnded, JobResumed
+from aggregator.privacy_units import spend_by_unit
 from aggregator.rounds import RoundTransitions, nonce
 from aggregator.runner import ACTIVE, JobRunner, initial_weights, new_job_id
 from aggregator.store import JobRow, RoundRow, SiteDecision, UpdateRow
@@ -218,9 +219,10 @@ class RoundEngine(RoundTransitions):
                 return self._duplicate(existing, env)
         self._current(runner, env.round, "train")
         async with self._ingest:
-            update = await asyncio.to_thread(check_update, body, env.sha256, runner.global_weights, runner.spec)
+            update = await asyncio.to_thread(check_update, body, env.sha256, runner.global_weights, runner.spec, env)
             await self._db.io(self._blobs.put, body, "update")
         failpoint("ingest_after_blob")
+        spend = spend_by_unit(runner.spec, env)
         async with runner.lock:
             existing = await self._db(self._store.get_update, env.job_id, env.round, site)
             if existing is not None:
@@ -228,16 +230,15 @@ class RoundEngine(RoundTransitions):
             self._current(runner, env.round, "train")
             row = UpdateRow(
                 env.job_id, env.round, site, env.sha256, env.num_samples, env.train_loss, env.epsilon, time.time(),
-                env.share_tracking,
+                env.share_tracking, tuple(spend.items()),
             )
             await self._db(self._store.add_update, row, env.evaluation)
             failpoint("ingest_after_commit")
             runner.strategy.add(update, env.num_samples)
             runner.reported.add(site)
             self._metrics.updates_received.labels(site).inc()
-            if env.epsilon is not None:
-                self._metrics.site_epsilon.labels(env.job_id, site).set(env.epsilon)
-            log.info("update_accepted", round=env.round, num_samples=env.num_samples, epsilon=env.epsilon)
+            self._metrics.observe_spend(env.job_id, site, spend)
+            log.info("update_accepted", round=env.round, num_samples=env.num_samples, epsilon=spend)
             await self._maybe_close(runner)
         return {"status": "accepted", "job_id": env.job_id, "round": env.round}
 

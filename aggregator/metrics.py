@@ -42,7 +42,8 @@ class AggregatorMetrics:
             ["job"], registry=r,
         )
         self.site_epsilon = Gauge(
-            "fedsilo_site_epsilon", "Privacy loss ε a site reports having spent on a job.", ["job", "site"],
+            "fedsilo_site_epsilon", "Privacy loss ε a site reports having spent on a job, in `unit`: record (per "
+            "patient record, DP-SGD) or site (per hospital dataset, update-level noise).", ["job", "site", "unit"],
             registry=r,
         )
         self.bytes_received = Counter(
@@ -61,3 +62,9 @@ class AggregatorMetrics:
         self.site_refusals = Counter(
             "fedsilo_job_refusals", "Job offers a site refused.", ["site"], registry=r
         )
+
+    def observe_spend(self, job_id: str, site: str, spend: dict[str, float | None]) -> None:
+        """A site's ε per unit, from its latest update (a unit without a guarantee is not exported)."""
+        for unit, eps in spend.items():
+            if eps is not None:
+                self.site_epsilon.labels(job_id, site, unit).set(eps)

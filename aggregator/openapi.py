@@ -138,6 +138,8 @@ class SiteDecisionRow(BaseModel):
     reasons: list[str]
     epsilon_planned: float | None
     epsilon_spent: float | None
+    epsilon_unit: Literal["site", "record"] = Field(
+        description="unit of both ε: record (per patient record) or site (per hospital dataset)")
     at: float
     job_state: str
 

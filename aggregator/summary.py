@@ -23,6 +23,7 @@ def job_summary(store: StateStore, job_id: str, per_site: bool = True) -> dict[s
     rounds = {r.round: r for r in store.rounds(job_id)}
     evals = store.evaluations(job_id)
     decisions = store.decisions(job_id)
+    unit = job.spec.privacy.unit
     epsilon: dict[str, float | None] = {}
     by_round: dict[int, dict[str, dict[str, Any]]] = {}
     for u in store.updates(job_id):
@@ -65,7 +66,8 @@ def job_summary(store: StateStore, job_id: str, per_site: bool = True) -> dict[s
         "created_at": job.created_at,
         "updated_at": job.updated_at,
         "decisions": dict(Counter(d.decision for d in decisions)),
-        "epsilon_max": max(eps) if eps else None,
+        "epsilon_max": max(eps) if eps else None,  # in the job's unit
+        "privacy": {"unit": unit, "unit_words": job.spec.privacy.unit_words, "delta": job.spec.privacy.delta},
         # Once the job ended: "pending" until its report is written and its tracking queued, then "written".
         "report": None if job.state in ACTIVE else ("pending" if store.followup_pending(job_id) else "written"),
         "history": history,
@@ -73,8 +75,13 @@ def job_summary(store: StateStore, job_id: str, per_site: bool = True) -> dict[s
         "spec": job.spec.model_dump(mode="json"),
     }
     if per_site:
+        by_unit = store.site_spend(job_id)
+        # `epsilon` is in the job's unit (`privacy.unit`); `epsilon_by_unit` has every unit a site reported.
         out["sites"] = {
-            d.site: {"decision": d.decision, "reasons": d.reasons, "epsilon": epsilon.get(d.site)} for d in decisions
+            d.site: {"decision": d.decision, "reasons": d.reasons, "epsilon": epsilon.get(d.site),
+                     "epsilon_unit": unit,
+                     "epsilon_by_unit": by_unit.get(d.site, {unit: epsilon[d.site]} if d.site in epsilon else {})}
+            for d in decisions
         }
         # Per training round, what each site reported with its update (local training loss, sample count, ε).
         out["training"] = [{"round": r, "sites": sites} for r, sites in sorted(by_round.items())]

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from federation.jobs import JobSpec
+from federation.messages import UpdateEnvelope
 from federation.models import Weights, check_layout
 from federation.tensors import (
     HeaderTooLarge,
@@ -33,16 +34,26 @@ class Rejection(Exception):
         return f"{self.reason}: {self.detail}"
 
 
-def noise_norm_bound(spec: JobSpec, n_params: int) -> float:
-    """An upper bound on a privatized update's norm: clip norm plus a generous tail bound on the noise.
+def carries_update_noise(spec: JobSpec, envelope: UpdateEnvelope | None) -> bool:
+    """Whether an update may carry update-level noise: always for the site unit; for the record unit only from a
+    site whose policy also applies the site unit, which its envelope then says (a `site` entry in `privacy`)."""
+    return spec.privacy.unit == "site" or (envelope is not None and envelope.spend("site") is not None)
+
+
+def noise_norm_bound(spec: JobSpec, n_params: int, noised: bool = True) -> float:
+    """An upper bound on a privatized update's norm: clip norm plus, if it is noised, a generous tail bound on the
+    update-level noise. A record-level update without it (DP-SGD's noise is inside the clipped delta) gets C.
 
     ‖N(0, s²I_d)‖ concentrates at s·√d; s·(√d + 8) is exceeded with probability below e^-32.
     """
     p = spec.privacy
-    return p.clip_norm * (1.0 + 1e-4) + p.noise_multiplier * p.clip_norm * (math.sqrt(n_params) + 8.0)
+    sigma = p.noise_multiplier if noised else 0.0
+    return p.clip_norm * (1.0 + 1e-4) + sigma * p.clip_norm * (math.sqrt(n_params) + 8.0)
 
 
-def check_update(body: bytes, claimed_sha: str, template: Weights, spec: JobSpec) -> Weights:
+def check_update(
+    body: bytes, claimed_sha: str, template: Weights, spec: JobSpec, envelope: UpdateEnvelope | None = None,
+) -> Weights:
     """Decode and validate one update body against the job; raise `Rejection` on the first problem."""
     if sha256_hex(body) != claimed_sha:
         raise Rejection("hash_mismatch", "the body's sha256 differs from the envelope's")
@@ -65,11 +76,11 @@ def check_update(body: bytes, claimed_sha: str, template: Weights, spec: JobSpec
     if not all_finite(update):
         raise Rejection("non_finite", "the update contains NaN or infinite values")
     norm = l2_norm(update)
-    bound = noise_norm_bound(spec, sum(v.size for v in template.values()))
+    noised = carries_update_noise(spec, envelope)
+    bound = noise_norm_bound(spec, sum(v.size for v in template.values()), noised)
     if norm > bound:
-        raise Rejection(
-            "norm_implausible",
-            f"update norm {norm:.4g} exceeds {bound:.4g}, the most a clipped (C={spec.privacy.clip_norm}) and "
-            f"noised (σ={spec.privacy.noise_multiplier}) update can plausibly have",
-        )
+        what = (f"clipped (C={spec.privacy.clip_norm}) and noised (σ={spec.privacy.noise_multiplier})" if noised else
+                f"clipped (C={spec.privacy.clip_norm}; record unit: no update-level noise)")
+        raise Rejection("norm_implausible", f"update norm {norm:.4g} exceeds {bound:.4g}, the most a {what} update "
+                                            "can plausibly have")
     return update

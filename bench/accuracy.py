@@ -24,7 +24,7 @@ DP_REPEATS = 3  # DP noise differs run to run: report the mean and spread of sev
 
 
 def jobs(rounds: int | None) -> dict[str, dict[str, object]]:
-    nodp = example_job(privacy={"noise_multiplier": 0.0, "allow_no_noise": True, "clip_norm": 1000.0})
+    nodp = example_job(privacy={"unit": "site", "noise_multiplier": 0.0, "allow_no_noise": True, "clip_norm": 1000.0})
     out: dict[str, dict[str, object]] = {"fedsilo FedAvg, no noise": nodp}
     for i in range(DP_REPEATS):
         out[f"dp-{i}"] = example_job(seed=i)
@@ -46,6 +46,7 @@ def merge_dp(results: list[FederatedResult]) -> FederatedResult:
         wall_s=statistics.mean(r.wall_s for r in results),
         seconds_per_round=statistics.median(r.seconds_per_round for r in results),
         http_bytes_per_site_round=statistics.mean(r.http_bytes_per_site_round for r in results), rounds=first.rounds,
+        epsilon_unit=first.epsilon_unit,
     )
 
 
@@ -67,14 +68,15 @@ def main(argv: list[str] | None = None) -> None:
 
     sites = list(SITE_CENTERS)
     table = Table(title="Validation AUC on the four UCI centers (per-center stratified 2/3–1/3 split, seed 42)")
-    for col in ("method", *sites, "pooled", "ε per site (δ=1e-5)", "wall s", "s/round", "HTTP B/site/round"):
+    for col in ("method", *sites, "pooled", "max ε (δ=1e-5)", "wall s", "s/round", "HTTP B/site/round"):
         table.add_column(col, justify="right" if col != "method" else "left")
     for b in baselines:
         table.add_row(b.label, *(f"{b.site_auc[s]:.3f}" for s in sites), f"{b.pooled_auc:.3f}", "—",
                       f"{base_wall:.1f}", "", "")
     for r in results:
         eps = [e for e in r.epsilon.values() if e is not None]
-        eps_text = "∞ (no noise)" if not eps else f"{max(eps):.1f}"
+        unit = {"record": "per patient", "site": "per site"}[r.epsilon_unit]
+        eps_text = "∞ (no noise)" if not eps else f"{max(eps):.2f} {unit}"
         # A job that did not finish scores the initial model: say so rather than print its AUC as a result.
         state = "" if r.state == "finished" else f" [{r.state.upper()}: see the aggregator log]"
         table.add_row(

@@ -24,12 +24,15 @@ from fedsilo.datasets import split_by_center
 from fedsilo.local import LocalFederation, example_policy
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "heart-disease.yaml"
+START_TIMEOUT_S = 600.0
 
 
 def example_job(**overrides: Any) -> dict[str, Any]:
+    """The example job with `overrides` merged into its sections, except `privacy`, which replaces the example's
+    whole (a record-level block and a site-level one do not mix; without `unit` it is the site unit)."""
     data: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
+        if isinstance(value, dict) and isinstance(data.get(key), dict) and key != "privacy":
             data[key] = {**data[key], **value}
         else:
             data[key] = value
@@ -48,6 +51,8 @@ class FederatedResult:
     seconds_per_round: float
     http_bytes_per_site_round: float
     rounds: int
+    epsilon_unit: str = "site"  # record: ε per patient record; site: ε per hospital dataset
+    global_auc: float = float("nan")  # the sites' sample-weighted validation AUC of the final model (the demo's)
 
 
 def site_splits(files: dict[str, Path], spec: JobSpec) -> dict[str, SiteData]:
@@ -94,7 +99,10 @@ def run_jobs(jobs: dict[str, dict[str, Any]], workdir: Path | None = None) -> li
     root = workdir or Path(tempfile.mkdtemp(prefix="fedsilo-bench-"))
     files = split_by_center(root / "data")
     results = []
-    with LocalFederation(root, bench_policies(files), log_level="WARNING") as fed:
+    fed = LocalFederation(root, bench_policies(files), log_level="WARNING")
+    try:
+        # Four agents and an aggregator each import PyTorch: on a shared, loaded machine that can take minutes.
+        fed.start(timeout=START_TIMEOUT_S)
         for label, job in jobs.items():
             spec = JobSpec.model_validate(job)
             before = fed.client.request("GET", "/metrics").decode()
@@ -113,5 +121,9 @@ def run_jobs(jobs: dict[str, dict[str, Any]], workdir: Path | None = None) -> li
                 epsilon={s: v["epsilon"] for s, v in summary["sites"].items()}, wall_s=wall,
                 seconds_per_round=float(np.median([h["duration_s"] for h in closed])) if closed else float("nan"),
                 http_bytes_per_site_round=moved / max(1, len(files) * spec.rounds), rounds=spec.rounds,
+                epsilon_unit=spec.privacy.unit,
+                global_auc=float((summary["history"][-1]["global"] or {}).get("auc") or float("nan")),
             ))
+    finally:
+        fed.stop()
     return results

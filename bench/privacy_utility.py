@@ -1,23 +1,28 @@
-"""Privacy–utility: pooled-validation AUC for a target ε, on the real deployment.
+"""Privacy–utility: pooled-validation AUC for a target ε, on the real deployment, in both units.
 
-For each target ε ∈ {1, 2, 4, 8, 16} at δ = 1e-5 the job states `privacy.target_epsilon`; the system calibrates
-the noise multiplier σ for the job's rounds with the RDP accountant (`federation.privacy.calibrate_noise`), each
-agent's policy checks and its ledger accounts that σ, and the ε reported back is the accountant's. The guarantee
-is **update-level, per site, per job**: it bounds what the aggregator (or anyone seeing the updates) can learn
-about a hospital's whole contribution to the job, all its records at once. Record-level DP-SGD (`unit: record`)
-protects each patient record instead, a narrower guarantee with a different ε; this table does not measure it.
+**Per patient record** (`--unit record`, the default job's unit): each job states `privacy: {unit: record,
+target_epsilon: ε}`; each agent calibrates its own DP-SGD σ for its own record count, sampling rate and steps so that
+its ε per patient record over the whole job is at most ε (δ = 1e-5), trains with DP-SGD and sends its update clipped
+but without update-level noise. Targets ε ∈ {0.5, 1, 2, 4, 8}, 10 seeds each; code in `bench.privacy_record`.
 
-The configuration per ε (rounds, local epochs, learning rate, clip norm, server learning rate) comes from a small
-grid searched in-process (`--search`) with the same code the agents and aggregator run (data split and encoding,
-`train_local`, `privatize`, FedAvg with the server learning rate); the table itself comes from the real
-deployment (`bench.federated.run_jobs`), 5 seeds per ε. Clip norms stay within the example site policies'
-ceiling (1.0). Caveat: the search looks at the validation AUC, so the chosen hyperparameters are not themselves
-covered by the ε (as usual in the DP literature's reported numbers).
+**Per site** (`--unit site`): each job states `privacy.target_epsilon`; the system calibrates one update-level σ for
+the job's rounds with the RDP accountant (`federation.privacy.calibrate_noise`), each agent's policy checks and its
+ledger accounts that σ. The guarantee bounds what the aggregator (or anyone seeing the updates) can learn about a
+hospital's whole contribution to the job, all its records at once. Targets ε ∈ {1, 2, 4, 8, 16}, 5 seeds each.
 
-    python -m bench privacy-utility             # the table, on the real deployment
-    python -m bench privacy-utility --search    # the in-process grid search that picked the configurations
-    python -m bench privacy-utility --what-if   # in-process: what a public initial model or distributed noise buys
-    python -m bench privacy-utility --lean --targets 8   # the lean configuration on the real deployment
+The configuration per unit comes from a small grid searched in-process (`--search`) with the same code the agents
+and aggregator run; the tables come from the real deployment (`bench.federated.run_jobs`: broker, aggregator and
+four agent processes). Clip norms stay within the example site policies' ceilings. Caveat: the search looks at the
+validation AUC, so the chosen hyperparameters are not themselves covered by the ε (as usual in the DP literature's
+reported numbers).
+
+    python -m bench privacy-utility --unit record   # the per-patient table, on the real deployment
+    python -m bench privacy-utility --unit site     # the per-site table, on the real deployment
+    python -m bench privacy-utility                 # both in turn
+    python -m bench privacy-utility --unit record --search   # the in-process search that picked the configuration
+    python -m bench privacy-utility --demo-gap 5             # make demo's job against the same job without DP
+    python -m bench privacy-utility --unit site --what-if    # in-process: a public initial model, distributed noise
+    python -m bench privacy-utility --unit site --lean --targets 8   # the lean site-unit configuration
 """
 
 from __future__ import annotations
@@ -44,9 +49,11 @@ from federation.models import build_model, get_weights, set_weights
 from federation.privacy import privatize
 from fedsilo.datasets import split_by_center
 
-TARGETS = [1.0, 2.0, 4.0, 8.0, 16.0]
+TARGETS = [1.0, 2.0, 4.0, 8.0, 16.0]  # site unit
 DELTA = 1e-5
 SEEDS = 5
+RECORD_TARGETS = [0.5, 1.0, 2.0, 4.0, 8.0]  # record unit, per patient
+RECORD_SEEDS = 10
 
 
 @dataclass(frozen=True)
@@ -97,12 +104,11 @@ LEAN: dict[float, Config] = {eps: Config(rounds=1, epochs=30, learning_rate=0.1,
 
 def job_for(eps: float, cfg: Config, seed: int) -> dict[str, Any]:
     extra: dict[str, Any] = {"features": LEAN_FEATURES} if cfg.lean else {}
-    if cfg.init != "seeded":
-        extra["model"] = {"name": "logreg", "init": cfg.init, **({"prior": LEAN_PRIOR} if cfg.init == "prior" else {})}
+    extra["model"] = {"name": "logreg", "init": cfg.init, **({"prior": LEAN_PRIOR} if cfg.init == "prior" else {})}
     return example_job(
         name=f"privacy-utility-eps{eps:g}", seed=seed, rounds=cfg.rounds, min_sites=4,
-        hyperparameters={"epochs": cfg.epochs, "learning_rate": cfg.learning_rate},
-        privacy={"clip_norm": cfg.clip_norm, "noise_multiplier": None, "target_epsilon": eps, "delta": DELTA},
+        hyperparameters={"epochs": cfg.epochs, "learning_rate": cfg.learning_rate, "batch_size": 32},
+        privacy={"unit": "site", "clip_norm": cfg.clip_norm, "target_epsilon": eps, "delta": DELTA},
         server_learning_rate=cfg.server_learning_rate, **extra,
     )
 
@@ -194,6 +200,15 @@ def measure(console: Console, targets: list[float], seeds: int, chosen: dict[flo
         console.print(f"The published prior alone (the starting model, no data, no ε): pooled AUC {prior_auc:.3f}")
 
 
+def run_record(console: Console, search: bool, targets: list[float], seeds: int) -> None:
+    from bench.privacy_record import measure_record, search_record
+
+    if search:
+        search_record(console, held_out_sites(JobSpec.model_validate(example_job())), targets, seeds)
+    else:
+        measure_record(console, targets, seeds)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench privacy-utility", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -201,10 +216,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--what-if", action="store_true", help="in-process what-ifs at ε 8 (see `simulate`)")
     parser.add_argument("--lean", action="store_true",
                         help="the lean configuration (6 public-knowledge features, published prior, 1 round)")
-    parser.add_argument("--targets", type=float, nargs="+", default=TARGETS)
-    parser.add_argument("--seeds", type=int, default=SEEDS)
+    parser.add_argument("--unit", choices=["record", "site", "both"], default="both",
+                        help="record: ε per patient record (DP-SGD, each site calibrating its own σ); site: ε per "
+                             "hospital dataset (update-level noise); both: the two tables in turn")
+    parser.add_argument("--demo-gap", type=int, metavar="RUNS", default=None,
+                        help="run the example job (make demo's) and the same job without DP RUNS times each")
+    parser.add_argument("--targets", type=float, nargs="+", default=None,
+                        help=f"target ε values (default: record {RECORD_TARGETS}, site {TARGETS})")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help=f"seeds per target (default: record {RECORD_SEEDS}, site {SEEDS})")
     args = parser.parse_args(argv)
     console = Console(width=200)
+    if args.demo_gap:
+        from bench.privacy_record import demo_gap
+
+        demo_gap(console, args.demo_gap)
+        return
+    if args.unit in ("record", "both"):
+        run_record(console, args.search, args.targets or RECORD_TARGETS, args.seeds or RECORD_SEEDS)
+    if args.unit == "record":
+        return
+    args.targets, args.seeds = args.targets or TARGETS, args.seeds or SEEDS
     if args.search:
         search(console, args.targets, args.seeds)
     elif args.what_if:

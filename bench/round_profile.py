@@ -20,12 +20,12 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from agent.data import SiteData
-from agent.privacy import job_epsilon
 from agent.state import AgentState, Release
 from agent.trainer import evaluate, train_local
 from aggregator.blobs import FileBlobStore
 from aggregator.strategies import FedAvg
 from aggregator.validation import check_update
+from federation.accounting import gaussian_epsilon
 from federation.jobs import JobSpec
 from federation.messages import RoundTask, UpdateEnvelope
 from federation.models import build_model, get_weights, set_weights
@@ -62,9 +62,8 @@ def _round_steps(spec: JobSpec, data: SiteData, sites: int, repeats: int, root: 
                      deadline=time.time() + 60, issued_at=time.time(), expires_at=time.time() + 60,
                      nonce=secrets.token_hex(16))
     signed = sign(task, key)
-    rng = np.random.default_rng(0)
     delta = {k: (v * 0.01).astype(np.float32) for k, v in weights.items()}
-    noisy, _ = privatize(delta, spec.privacy.clip_norm, spec.privacy.noise_multiplier, rng)
+    noisy, _ = privatize(delta, spec.privacy.clip_norm, spec.privacy.noise_multiplier)
     payload = encode(noisy)
     state = AgentState(root / "agent.db")
     blobs = FileBlobStore(root / "blobs")
@@ -79,7 +78,7 @@ def _round_steps(spec: JobSpec, data: SiteData, sites: int, repeats: int, root: 
         env = UpdateEnvelope(job_id="bench-00000000", round=next(counter) + 1, site="cleveland", num_samples=100,
                              sha256=sha256_hex(payload), evaluation=None, train_loss=0.5, epsilon=1.0)
         state.record_release(Release(env.job_id, env.round, "heart-disease", 1.0, 1.0, payload,
-                                     env.model_dump_json(), sent=False))
+                                     env.model_dump_json(), sent=False), spend={"site": 1.0})
 
     def blob_put() -> None:
         blobs.put(payload[:-8] + next(counter).to_bytes(8, "big"))  # a new blob each time, as every round's are
@@ -105,9 +104,10 @@ def _round_steps(spec: JobSpec, data: SiteData, sites: int, repeats: int, root: 
                                                                        weights)),
         ("evaluate on the validation split", lambda: evaluate(model, data.x_val, data.y_val)),
         ("train (1 step) incl. model build", train),
-        ("clip + Gaussian noise", lambda: privatize(delta, spec.privacy.clip_norm, spec.privacy.noise_multiplier,
-                                                    rng)),
-        ("ε accounting (RDP)", lambda: job_epsilon(spec, None, 25)),
+        ("clip + Gaussian noise (OS CSPRNG)", lambda: privatize(delta, spec.privacy.clip_norm,
+                                                                spec.privacy.noise_multiplier)),
+        ("ε accounting (RDP, uncached)", lambda: gaussian_epsilon.__wrapped__(spec.privacy.noise_multiplier, 25,
+                                                                             spec.privacy.delta)),
         ("encode the update (safetensors)", lambda: encode(noisy)),
         ("hash the update (sha256)", lambda: sha256_hex(payload)),
         ("durable release log (SQLite, FULL sync)", release),

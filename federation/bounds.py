@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 MAX_SAMPLES = 1_000_000_000  # records behind one update or one evaluation
-MAX_LOSS = 1e6  # a per-record loss (binary cross-entropy of a sane model is a few units)
+MAX_LOSS = 1e12  # a per-record loss: a sane model's is a few units, a diverging one may be millions
 MAX_EPSILON = 1e6  # ε a site reports; far past any budget a policy would allow
 MAX_ROUND = 1_000_000  # far beyond any job (JobSpec.rounds ≤ 10,000)
 MAX_REASONS = 50  # reasons in one answer, each at most MAX_TEXT characters

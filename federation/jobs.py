@@ -8,13 +8,11 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from federation.calibration import MAX_NOISE_MULTIPLIER
 from federation.models import registered_models
 from federation.privacy import calibrate_noise, epsilon_for
 from federation.schema import FeatureSchema, Frozen
 
-# Record-level ε depends on each site's record count (sampling rate, steps): no single σ fits every site.
-TARGET_IS_UPDATE_LEVEL = ("target_epsilon is for update-level DP (unit: site); with unit: record give "
-                          "record_noise_multiplier and let each site's policy check the ε it projects")
 SiteName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9\-]{0,62}$")]
 
 
@@ -65,35 +63,61 @@ class Hyperparameters(Frozen):
     momentum: float = Field(default=0.0, ge=0, lt=1)
 
 
-class PrivacySpec(Frozen):
-    """Update-level DP always applies: each site's round delta is clipped to `clip_norm` and noised with
-    std σ·C. `unit: record` adds DP-SGD during local training (per-example clipping to `record_clip_norm`,
-    noise `record_noise_multiplier`), and the ε accounted is then the record-level one.
+Unit = Literal["site", "record"]
+UNIT_WORDS: dict[str, str] = {"site": "per site", "record": "per patient record"}
 
-    A job may state `target_epsilon` (update-level, at `delta`, over the job's rounds) instead of
-    `noise_multiplier`: `JobSpec` calibrates σ with the accountant and keeps both."""
+
+class PrivacySpec(Frozen):
+    """The guarantee a job asks for, in one unit.
+
+    `unit: site` (update-level DP): each site's round delta is clipped to `clip_norm` and noised with std σ·C;
+    ε bounds what the updates reveal about a hospital's whole dataset. `target_epsilon` (instead of
+    `noise_multiplier`) is resolved once for every site: `JobSpec` calibrates σ for the job's rounds.
+
+    `unit: record` (per patient): local training is DP-SGD (Poisson sampling, per-example clipping to
+    `record_clip_norm`, Gaussian noise), and the update is clipped to `clip_norm` so the aggregator can check it,
+    without update-level noise. `target_epsilon` is then per patient and each site calibrates its own DP-SGD σ for
+    its own record count (`agent.record_plan.record_plan`); or the job fixes `record_noise_multiplier` for all.
+    `noise_multiplier` is the update-level σ that a site whose policy also requires the site unit adds on top
+    (0: such sites refuse)."""
 
     clip_norm: float = Field(gt=0, le=1e6)
-    noise_multiplier: float = Field(ge=0, le=1e4)
+    noise_multiplier: float = Field(default=0.0, ge=0, le=MAX_NOISE_MULTIPLIER)
     target_epsilon: float | None = Field(default=None, gt=0, le=1e4)
     delta: float = Field(default=1e-5, gt=0, lt=1)
     # Noise-free training leaks the raw update: only allowed when the job says so in so many words.
     allow_no_noise: bool = False
-    unit: Literal["site", "record"] = "site"
+    unit: Unit = "site"
     record_clip_norm: float | None = Field(default=None, gt=0, le=1e6)
-    record_noise_multiplier: float | None = Field(default=None, gt=0, le=1e4)
+    record_noise_multiplier: float | None = Field(default=None, gt=0, le=MAX_NOISE_MULTIPLIER)
+    # With a per-patient target: the most DP-SGD noise a site may need to meet it. A site with too few records
+    # (a high sampling rate, so little amplification) would need more and only add noise to the model: it refuses.
+    max_record_noise_multiplier: float | None = Field(default=None, gt=0, le=MAX_NOISE_MULTIPLIER)
 
     @model_validator(mode="after")
     def _noise_explicit(self) -> PrivacySpec:
-        if self.noise_multiplier == 0 and not self.allow_no_noise:
-            raise ValueError("noise_multiplier 0 disables privacy; set allow_no_noise: true to mean it")
-        if self.unit == "record" and (self.record_clip_norm is None or self.record_noise_multiplier is None):
-            raise ValueError("unit: record needs record_clip_norm and record_noise_multiplier")
-        if self.unit == "site" and (self.record_clip_norm is not None or self.record_noise_multiplier is not None):
-            raise ValueError("record_clip_norm / record_noise_multiplier apply only with unit: record")
-        if self.target_epsilon is not None and self.unit == "record":
-            raise ValueError(TARGET_IS_UPDATE_LEVEL)
+        if self.unit == "site":
+            if self.noise_multiplier == 0 and not self.allow_no_noise:
+                raise ValueError("noise_multiplier 0 disables privacy; set allow_no_noise: true to mean it")
+            if any(v is not None for v in (self.record_clip_norm, self.record_noise_multiplier,
+                                           self.max_record_noise_multiplier)):
+                raise ValueError("record_clip_norm, record_noise_multiplier and max_record_noise_multiplier apply "
+                                 "only with unit: record")
+            return self
+        if self.record_clip_norm is None:
+            raise ValueError("unit: record needs record_clip_norm (DP-SGD's per-example clip)")
+        if (self.record_noise_multiplier is None) == (self.target_epsilon is None):
+            raise ValueError("unit: record needs exactly one of target_epsilon (per patient; each site calibrates "
+                             "its own DP-SGD noise) and record_noise_multiplier")
+        if self.max_record_noise_multiplier is not None and self.target_epsilon is None:
+            raise ValueError("max_record_noise_multiplier bounds the σ a site calibrates for target_epsilon")
+        if self.allow_no_noise:
+            raise ValueError("allow_no_noise applies to unit: site; a record-level job always runs DP-SGD")
         return self
+
+    @property
+    def unit_words(self) -> str:
+        return UNIT_WORDS[self.unit]
 
 
 class AggregationParams(Frozen):
@@ -151,13 +175,12 @@ class JobSpec(Frozen):
     @model_validator(mode="before")
     @classmethod
     def _calibrate(cls, data: Any) -> Any:
-        """Resolve `privacy.target_epsilon` to a noise multiplier for this job's rounds, once, deterministically."""
+        """Resolve a site-unit `privacy.target_epsilon` to a noise multiplier for this job's rounds, once,
+        deterministically. (A record-unit target is per patient: each site calibrates its own DP-SGD σ.)"""
         privacy = data.get("privacy") if isinstance(data, dict) else None
         if not isinstance(privacy, dict) or privacy.get("target_epsilon") is None \
-                or privacy.get("noise_multiplier") is not None:
+                or privacy.get("noise_multiplier") is not None or privacy.get("unit", "site") != "site":
             return data
-        if privacy.get("unit", "site") != "site":
-            raise ValueError(TARGET_IS_UPDATE_LEVEL)
         try:
             target, rounds = float(privacy["target_epsilon"]), int(data["rounds"])
             delta = float(privacy.get("delta", PrivacySpec.model_fields["delta"].default))
@@ -182,7 +205,7 @@ class JobSpec(Frozen):
             # Opacus clips per-sample gradients of the data loss; a proximal term is not per-sample.
             raise ValueError("fedprox is not available with record-level DP (privacy.unit: record)")
         p = self.privacy
-        if p.target_epsilon is not None:
+        if p.target_epsilon is not None and p.unit == "site":
             eps = epsilon_for(p.noise_multiplier, self.rounds, p.delta)
             if eps > p.target_epsilon:
                 raise ValueError(f"noise_multiplier {p.noise_multiplier:g} gives ε {eps:.3g} over {self.rounds} "

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from federation.bounds import MAX_EPSILON, MAX_LOSS, MAX_REASONS, MAX_ROUND, MAX_SAMPLES, MAX_TEXT
-from federation.jobs import JobSpec, SiteName
+from federation.jobs import JobSpec, SiteName, Unit
 from federation.schema import Frozen
 
 JobId = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9\-]{2,80}$")]
@@ -87,7 +87,9 @@ class SiteEvent(SiteMessage):
     kind: Literal["accepted", "refused", "error", "stopped"]
     round: int | None = Field(default=None, ge=0, le=MAX_ROUND)
     reasons: list[Text] = Field(default_factory=list, max_length=MAX_REASONS)
-    epsilon_planned: float | None = Field(default=None, ge=0, le=MAX_EPSILON)
+    epsilon_planned: float | None = Field(default=None, ge=0, le=MAX_EPSILON)  # in the job's unit
+    # Per unit the site will be charged in (both when its policy adds the site unit to a record-level job).
+    planned: dict[Unit, Annotated[float, Field(ge=0, le=MAX_EPSILON)]] = Field(default_factory=dict, max_length=2)
     at: float
 
 
@@ -97,6 +99,15 @@ class EvalMetrics(SiteMessage):
     n: int = Field(ge=0, le=MAX_SAMPLES)
     loss: float | None = Field(default=None, ge=0, le=MAX_LOSS)
     auc: float | None = Field(default=None, ge=0, le=1)
+
+
+class UnitSpend(SiteMessage):
+    """The ε a site has spent on a job in one unit (per patient record, or per site), and the σ of the mechanism
+    behind it: DP-SGD's for the record unit, the update-level noise's for the site unit."""
+
+    unit: Unit
+    epsilon: float | None = Field(ge=0, le=MAX_EPSILON)  # None: that mechanism ran without noise (no guarantee)
+    noise_multiplier: float = Field(ge=0, le=1e4)
 
 
 class UpdateEnvelope(SiteMessage):
@@ -111,11 +122,24 @@ class UpdateEnvelope(SiteMessage):
     # None when the site's policy lets no metric leave.
     evaluation: EvalMetrics | None
     train_loss: float = Field(ge=0, le=MAX_LOSS)
-    # ε spent on this job so far, this round included; None when the job runs without noise (no guarantee).
+    # ε spent on this job so far, this round included, in the job's unit (`spec.privacy.unit`); None when the job
+    # runs without noise (no guarantee).
     epsilon: float | None = Field(ge=0, le=MAX_EPSILON)
+    # The same per unit the site's mechanisms protect: the job's unit, and the site unit too where the site's policy
+    # also requires update-level noise. A `site` entry means the update carries update-level noise.
+    privacy: list[UnitSpend] = Field(default_factory=list, max_length=2)
     # The site's policy allows its per-site metrics to be logged to experiment tracking.
     share_tracking: bool = True
 
+    @field_validator("privacy")
+    @classmethod
+    def _one_per_unit(cls, v: list[UnitSpend]) -> list[UnitSpend]:
+        if len({s.unit for s in v}) != len(v):
+            raise ValueError("privacy lists a unit twice")
+        return v
+
+    def spend(self, unit: str) -> UnitSpend | None:
+        return next((s for s in self.privacy if s.unit == unit), None)
 
 
 class EvaluationReport(SiteMessage):

@@ -1,22 +1,23 @@
-"""Update-level differential privacy: clip a site's round delta, add Gaussian noise, account the spend.
+"""Update-level differential privacy (the site unit): clip a site's round delta, add Gaussian noise, account it.
 
-The math lives here as plain functions; the agent's privacy engine (`agent.privacy`) is the only caller
-on the send path. Accounting uses dp-accounting's RDP accountant rather than closed-form formulas.
+The math lives here as plain functions; the agent's privacy engine (`agent.privacy`) is the only caller on the
+send path. Noise comes from the OS's CSPRNG (`federation.noise`); accounting from dp-accounting
+(`federation.accounting`). The record unit's DP-SGD is in `agent.dpsgd`, its accounting in the same modules.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
-import dp_accounting
 import numpy as np
 
+from federation import noise
+from federation.accounting import gaussian_epsilon
+from federation.calibration import MAX_NOISE_MULTIPLIER, calibrate
 from federation.models import Weights
 from federation.tensors import l2_norm
 
-MAX_NOISE_MULTIPLIER = 1e4  # the largest σ a job may state (`federation.jobs.PrivacySpec`)
-RDP_ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
+__all__ = ["MAX_NOISE_MULTIPLIER", "add_gaussian_noise", "calibrate_noise", "clip", "epsilon_for", "privatize"]
 
 
 def clip(update: Weights, clip_norm: float) -> tuple[Weights, float]:
@@ -26,16 +27,18 @@ def clip(update: Weights, clip_norm: float) -> tuple[Weights, float]:
     return {k: (v * scale).astype(np.float32) for k, v in update.items()}, norm
 
 
-def add_gaussian_noise(
-    update: Weights, std: float, rng: np.random.Generator
-) -> Weights:
+def add_gaussian_noise(update: Weights, std: float, rng: np.random.Generator | None = None) -> Weights:
+    """Add N(0, std²) to every coordinate, drawn from the OS's CSPRNG. Only in-process simulations (benchmarks)
+    pass `rng`, to repeat a draw; nothing on the send path does."""
     if std == 0:
         return {k: v.copy() for k, v in update.items()}
-    return {k: (v + rng.normal(0.0, std, size=v.shape)).astype(np.float32) for k, v in update.items()}
+    draw = (lambda shape: rng.normal(0.0, std, size=shape)) if rng is not None else (
+        lambda shape: noise.gaussian(shape, std))
+    return {k: (v + draw(v.shape)).astype(np.float32) for k, v in update.items()}
 
 
 def privatize(
-    update: Weights, clip_norm: float, noise_multiplier: float, rng: np.random.Generator
+    update: Weights, clip_norm: float, noise_multiplier: float, rng: np.random.Generator | None = None
 ) -> tuple[Weights, float]:
     """Clip to `clip_norm`, then add N(0, (noise_multiplier·clip_norm)²) to every coordinate."""
     clipped, norm = clip(update, clip_norm)
@@ -43,43 +46,20 @@ def privatize(
 
 
 def epsilon_for(noise_multiplier: float, rounds: int, delta: float, sampling_rate: float = 1.0) -> float:
-    """ε after `rounds` releases of the sampled Gaussian mechanism (RDP accountant, converted at δ)."""
-    if rounds <= 0:
-        return 0.0
-    if noise_multiplier <= 0:
-        return math.inf
-    accountant = dp_accounting.rdp.RdpAccountant(RDP_ORDERS)
-    event: dp_accounting.DpEvent = dp_accounting.GaussianDpEvent(noise_multiplier)
-    if sampling_rate < 1.0:
-        event = dp_accounting.PoissonSampledDpEvent(sampling_rate, event)
-    accountant.compose(event, rounds)
-    return float(accountant.get_epsilon(delta))
+    """ε after `rounds` releases of the (sampled) Gaussian mechanism (RDP accountant, converted at δ)."""
+    return gaussian_epsilon(noise_multiplier, rounds, delta, sampling_rate)
 
 
 @functools.lru_cache(maxsize=256)
-def calibrate_noise(target_epsilon: float, rounds: int, delta: float, rel_tol: float = 1e-3) -> float:
-    """The smallest noise multiplier σ (to `rel_tol`) whose ε after `rounds` full-participation releases at `delta`
-    is at most `target_epsilon`: bisection on `epsilon_for`, which falls as σ grows.
+def calibrate_noise(target_epsilon: float, rounds: int, delta: float) -> float:
+    """The smallest noise multiplier σ (to 0.1 %) whose ε after `rounds` full-participation releases at `delta`
+    is at most `target_epsilon` (`federation.calibration.calibrate` on `epsilon_for`).
 
-    Deterministic (same inputs, same σ on every machine running the same accountant), so the aggregator and every
-    agent resolve a job's target to the same σ. Raises ValueError when no σ up to `MAX_NOISE_MULTIPLIER` meets it.
-    """
-    if not (target_epsilon > 0 and math.isfinite(target_epsilon)):
-        raise ValueError(f"target ε must be positive and finite, got {target_epsilon}")
+    Deterministic, so the aggregator and every agent resolve a job's target to the same σ. Raises ValueError when no
+    σ up to `MAX_NOISE_MULTIPLIER` meets it."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
-    hi = 1.0
-    while epsilon_for(hi, rounds, delta) > target_epsilon:
-        if hi >= MAX_NOISE_MULTIPLIER:
-            raise ValueError(f"target ε {target_epsilon:g} over {rounds} rounds at δ {delta:g} needs a noise "
-                             f"multiplier above {MAX_NOISE_MULTIPLIER:g}")
-        hi = min(hi * 2, MAX_NOISE_MULTIPLIER)
-    lo = 0.0 if hi == 1.0 else hi / 2
-    # Invariant: ε(hi) ≤ target < ε(lo). Stop once ε(hi) is within rel_tol below the target.
-    while epsilon_for(hi, rounds, delta) < target_epsilon * (1 - rel_tol) and hi - lo > 1e-9:
-        mid = (lo + hi) / 2
-        if epsilon_for(mid, rounds, delta) > target_epsilon:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    try:
+        return calibrate(lambda sigma: epsilon_for(sigma, rounds, delta), target_epsilon)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (over {rounds} rounds at δ {delta:g})") from None

@@ -27,9 +27,10 @@ from fedsilo.workspace import LocalError, Manifest, Workspace, allocate_ports, w
 # keeps the two in step).
 MIN_COHORT = 100
 POLICY_LIMITS: dict[str, Any] = {
-    "privacy": {"min_noise_multiplier": 0.3, "max_clip_norm": 1.0, "max_epsilon_per_job": 100,
-                "allowed_units": ["site", "record"]},
-    "budget": {"epsilon": 300, "delta": 1.0e-5, "reset_period_days": 365},
+    "privacy": {"allowed_units": ["site", "record"], "required_units": [], "max_clip_norm": 1.0,
+                "min_noise_multiplier": 0.3, "min_record_noise_multiplier": 0.5, "max_record_clip_norm": 5.0,
+                "max_epsilon_per_job": {"site": 100, "record": 2}},
+    "budget": {"epsilon": {"site": 300, "record": 4}, "delta": 1.0e-5, "reset_period_days": 365},
     "egress": {"max_upload_bytes_per_round": 1048576, "allowed_metrics": ["auc", "loss", "n"],
                "min_records_per_metric": 20, "share_tracking": True},
     "models": {"allowed": ["logreg", "mlp"], "max_parameters": 100000},
@@ -184,7 +185,7 @@ def review(init: Initialized) -> list[str]:
         lines.append(f"policy of {site} ({path}):")
         lines += [f"  {line}" for line in describe(policy)]
         if site in init.spec.sites:
-            decision, _ = evaluate(policy, init.spec, site, endpoints=[], spent=0.0, active_jobs=0, load=load_data)
+            decision, _ = evaluate(policy, init.spec, site, endpoints=[], spent={}, active_jobs=0, load=load_data)
             eps = "no DP" if decision.epsilon_planned is None else f"projected ε {decision.epsilon_planned:.2f}"
             if decision.accepted:
                 lines.append(f"  → would ACCEPT job {init.spec.name!r} ({eps})")

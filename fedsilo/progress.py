@@ -41,7 +41,9 @@ def rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
 def table(summary: dict[str, Any]) -> Table:
     t = Table(title=f"{summary['name']} · {summary['job_id']} · {summary['state']} "
                     f"(round {summary['round']}/{summary['rounds']})")
-    for col in ("round", "sites", "train loss", "val AUC*", "val loss*", "round s", "max ε"):
+    unit = {"record": "max ε per patient", "site": "max ε per site"}.get(
+        summary.get("privacy", {}).get("unit"), "max ε")
+    for col in ("round", "sites", "train loss", "val AUC*", "val loss*", "round s", unit):
         t.add_column(col, justify="right")
     for r in rows(summary):
         t.add_row(*r)

@@ -13,6 +13,8 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 
+from federation.jobs import UNIT_WORDS
+
 REPORT_FILES = ("report.html", "metrics.json", "metrics.csv", "metrics.png", "model.safetensors")
 
 
@@ -31,12 +33,16 @@ def outcome_lines(summary: dict[str, Any], report_dir: Path | None, wall: float 
     lines = [f"job {job_id} [{colour}]{state}[/] in {seconds:.1f}s{reason}"]
     no_noise = summary["spec"]["privacy"]["noise_multiplier"] == 0
     for site, s in summary["sites"].items():
-        if s["epsilon"] is not None:
-            eps = f"ε={s['epsilon']:.2f}"
-        else:  # nothing released: refused, or no round reached this site
+        # Every ε with its unit: the job's first, then any other unit the site's policy also applied.
+        by_unit = s.get("epsilon_by_unit") or ({s.get("epsilon_unit", "site"): s["epsilon"]} if s["epsilon"] else {})
+        eps = " · ".join(f"ε={e:.3f} {UNIT_WORDS.get(u, u)}" for u, e in by_unit.items() if e is not None)
+        if not eps:  # nothing released: refused, or no round reached this site
             eps = "no DP" if no_noise and s["decision"] == "accepted" else ""
         why = f"({escape('; '.join(s['reasons']))})" if s["reasons"] else ""
         lines.append(f"  {site:<15} {s['decision']:<9} {' '.join(x for x in (eps, why) if x)}".rstrip())
+    privacy = summary.get("privacy")
+    if privacy:
+        lines.append(f"  (ε at δ={privacy['delta']:g}, unit: {privacy['unit']} = {privacy['unit_words']})")
     final = summary["history"][-1]["global"] if summary["history"] else None
     if state == "finished" and final is not None:
         auc = "—" if final["auc"] is None else f"{final['auc']:.4f}"

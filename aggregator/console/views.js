@@ -7,6 +7,9 @@ const ENDED = new Set(["finished", "failed", "cancelled"]);
 const KNOWN_SITE_KEYS = new Set(["site", "state", "at"]);
 const jobLink = (id) => h("a", { href: `#/jobs/${encodeURIComponent(id)}` }, id);
 const needsAdmin = "needs an admin token (you are signed in as a viewer)";
+// Every ε is shown with its unit: per patient record (record-level DP-SGD) or per site (update-level DP).
+const UNIT_WORDS = { record: "per patient", site: "per site" };
+const epsilonText = (eps, unit) => `ε ${num(eps, 2)} ${UNIT_WORDS[unit] ?? unit}`;
 
 function details(row) {
   // Whatever else a site's status row carries, shown as it is: the console assumes no further keys.
@@ -32,7 +35,8 @@ export function sitesView() {
         const accepted = mine.filter((d) => d.decision === "accepted" || d.decision === "stopped");
         const refused = mine.filter((d) => d.decision === "refused");
         const spent = mine.filter((d) => typeof d.epsilon_spent === "number");
-        const total = spent.reduce((sum, d) => sum + d.epsilon_spent, 0);
+        const totals = {};  // one sum per unit: ε per patient and ε per site never add up
+        spent.forEach((d) => { totals[d.epsilon_unit] = (totals[d.epsilon_unit] || 0) + d.epsilon_spent; });
         return h("tr", { "data-site": name },
           h("td", {}, h("strong", {}, name)),
           h("td", {}, site.state ? badge(site.state) : h("span", { class: "muted" }, "never seen")),
@@ -42,15 +46,16 @@ export function sitesView() {
           h("td", { class: "num" }, String(refused.length),
             refused.length ? h("ul", { class: "reasons" }, refused.map((d) =>
               h("li", {}, jobLink(d.job_id), ": ", d.reasons.join("; ") || "no reason given"))) : null),
-          h("td", { class: "num", title: spent.map((d) => `${d.job_id}: ε=${num(d.epsilon_spent, 2)}`).join("\n") },
-            spent.length ? num(total, 2) : "—"),
+          h("td", { class: "num", title: spent.map((d) => `${d.job_id}: ${epsilonText(d.epsilon_spent, d.epsilon_unit)}`).join("\n") },
+            spent.length ? Object.entries(totals).map(([u, e]) => epsilonText(e, u)).join(" · ") : "—"),
           h("td", { class: "muted" }, details(site)));
       });
       body.replaceChildren(...[
         table(["Site", "State", "Last heartbeat", "Jobs accepted", "Jobs refused (reasons)", "ε spent", "Details"],
               rows, { id: "sites-table" }),
         h("p", { class: "muted" }, "ε spent: the sum over jobs of the ε each site reported with its latest update " +
-          "in that job (update-level DP; see each job's page)."),
+          "in that job, per unit: per patient record (record-level DP-SGD) or per site (update-level DP, a " +
+          "hospital's whole dataset); see each job's page."),
         quarantined.length ? quarantineTable(quarantined) : null].filter(Boolean));
     },
   };
@@ -209,13 +214,16 @@ export function jobView(ctx, jobId) {
       const sites = Object.entries(s.sites).map(([site, d]) => h("tr", { "data-site": site },
         h("td", {}, site), h("td", {}, badge(d.decision)),
         h("td", {}, d.reasons.length ? h("ul", { class: "reasons" }, d.reasons.map((r) => h("li", {}, r))) : "—"),
-        h("td", { class: "num" }, num(d.epsilon, 2))));
+        h("td", { class: "num" }, Object.keys(d.epsilon_by_unit || {}).length
+          ? Object.entries(d.epsilon_by_unit).map(([u, e]) => epsilonText(e, u)).join(" · ")
+          : num(d.epsilon, 2))));
       const rejections = s.rejections.map((r) => h("tr", {},
         h("td", { title: iso(r.at) }, ago(r.at)), h("td", {}, r.site ?? "—"), h("td", { class: "num" }, r.round ?? "—"),
         h("td", {}, h("code", {}, r.reason)), h("td", {}, r.detail)));
       tables.replaceChildren(
         h("h2", {}, "Sites: accepted and refused"),
-        table(["Site", "Decision", "Reasons", "ε spent"], sites, { id: "job-sites" }),
+        table(["Site", "Decision", "Reasons", `ε spent (job's unit: ${UNIT_WORDS[s.privacy?.unit] ?? "per site"})`],
+              sites, { id: "job-sites" }),
         h("h2", {}, "Rejected updates"),
         table(["When", "Site", "Round", "Reason", "Detail"], rejections, { id: "job-rejections" }));
     },

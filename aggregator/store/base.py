@@ -59,6 +59,8 @@ class UpdateRow:
     epsilon: float | None
     received_at: float
     share_tracking: bool = True
+    # ε per unit the site's mechanisms protect (record: per patient; site: per hospital), as its envelope said.
+    privacy: tuple[tuple[str, float | None], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,10 @@ class StateStore(ABC):
     def decisions(self, job_id: str) -> list[SiteDecision]: ...
 
     @abstractmethod
+    def invited(self, job_id: str, site: str) -> bool:
+        """Whether `site` was offered job `job_id`."""
+
+    @abstractmethod
     def open_round(self, job_id: str, rnd: int, kind: str, model_in: str, now: float, deadline: float) -> None:
         """Start round `rnd` (idempotent) and move the job to it; the job becomes `running`."""
 
@@ -126,6 +132,10 @@ class StateStore(ABC):
 
     @abstractmethod
     def get_update(self, job_id: str, rnd: int, site: str) -> UpdateRow | None: ...
+
+    @abstractmethod
+    def site_spend(self, job_id: str) -> dict[str, dict[str, float | None]]:
+        """Each site's latest reported ε on the job, per unit."""
 
     @abstractmethod
     def updates(self, job_id: str, rnd: int | None = None) -> list[UpdateRow]:
@@ -169,7 +179,7 @@ class StateStore(ABC):
     @abstractmethod
     def site_decisions(self, site: str | None = None) -> list[dict[str, Any]]:
         """Each site's decision on each job offered to it, newest first, with the job's state and the ε the
-        site reported with its latest update in that job (None before its first update)."""
+        site reported with its latest update in that job (None before its first update), in `epsilon_unit`."""
 
     @abstractmethod
     def quarantine_active(self, now: float) -> list[Quarantined]:

@@ -14,6 +14,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from federation.bounds import MAX_EPSILON, MAX_LOSS, MAX_ROUND, MAX_SAMPLES, finite_in
+
+__all__ = ["MAX_EPSILON", "finite_in"]
 from federation.jobs import JobSpec
 
 Row = dict[str, Any]

@@ -41,6 +41,9 @@ CREATE TABLE IF NOT EXISTS evaluations (
 CREATE TABLE IF NOT EXISTS rejections (
   id {serial} PRIMARY KEY, job_id TEXT, round INTEGER, site TEXT, reason TEXT NOT NULL, detail TEXT NOT NULL,
   at DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS update_privacy (
+  job_id TEXT NOT NULL, round INTEGER NOT NULL, site TEXT NOT NULL, unit TEXT NOT NULL, epsilon DOUBLE PRECISION,
+  PRIMARY KEY (job_id, round, site, unit));
 CREATE TABLE IF NOT EXISTS models (sha TEXT PRIMARY KEY, job_id TEXT NOT NULL, version INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS updates_by_site ON updates (job_id, site, round);
 CREATE TABLE IF NOT EXISTS followups (job_id TEXT PRIMARY KEY, state TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
@@ -140,6 +143,9 @@ class SqlStore(QuarantineQueries, StateStore):
                 (job_id, d.site, d.decision, json.dumps(d.reasons), d.epsilon_planned, d.at),
             )
 
+    def invited(self, job_id: str, site: str) -> bool:
+        return self._one("SELECT 1 AS x FROM job_sites WHERE job_id=? AND site=?", (job_id, site)) is not None
+
     def decisions(self, job_id: str) -> list[SiteDecision]:
         rows = _good(self._query("SELECT * FROM job_sites WHERE job_id=? ORDER BY site", (job_id,)), checks.decision,
                      "job_sites")
@@ -176,6 +182,9 @@ class SqlStore(QuarantineQueries, StateStore):
             )
             if added == 0:
                 return False
+            for unit, eps in u.privacy:
+                self._execute("INSERT INTO update_privacy VALUES (?,?,?,?,?) ON CONFLICT DO NOTHING",
+                              (u.job_id, u.round, u.site, unit, eps))
             if evaluation is not None:
                 self._insert_eval(u.job_id, u.round - 1, u.site, evaluation)
             return True
@@ -192,6 +201,14 @@ class SqlStore(QuarantineQueries, StateStore):
         else:
             rows = self._query("SELECT * FROM updates WHERE job_id=? AND round=? ORDER BY site", (job_id, rnd))
         return [_update(r) for r in _good(rows, checks.update, "updates")]
+
+    def site_spend(self, job_id: str) -> dict[str, dict[str, float | None]]:
+        out: dict[str, dict[str, float | None]] = {}
+        for r in self._query("SELECT site, unit, epsilon FROM update_privacy WHERE job_id=? ORDER BY round",
+                             (job_id,)):
+            if r["epsilon"] is None or checks.finite_in(r["epsilon"], 0, checks.MAX_EPSILON):
+                out.setdefault(r["site"], {})[r["unit"]] = r["epsilon"]
+        return out
 
     def close_round(
         self, job_id: str, rnd: int, model_out: str | None, n_sites: int, n_samples: int,
@@ -262,13 +279,27 @@ class SqlStore(QuarantineQueries, StateStore):
     def site_decisions(self, site: str | None = None) -> list[dict[str, Any]]:
         where, params = ("WHERE s.site=?", (site,)) if site is not None else ("", ())
         rows = self._query(
-            "SELECT s.job_id, s.site, s.decision, s.reasons, s.epsilon_planned, s.at, j.state AS job_state,"
+            "SELECT s.job_id, s.site, s.decision, s.reasons, s.epsilon_planned, s.at, j.state AS job_state, j.spec,"
             " (SELECT u.epsilon FROM updates u WHERE u.job_id=s.job_id AND u.site=s.site"
             "  ORDER BY u.round DESC LIMIT 1) AS epsilon_spent"
             f" FROM job_sites s JOIN jobs j ON j.job_id=s.job_id {where} ORDER BY s.at DESC, s.job_id, s.site",
             params,
         )
-        return [{**r, "reasons": json.loads(r["reasons"])} for r in rows]
+        # The unit of both ε columns is the job's (`privacy.unit`: record = per patient, site = per hospital): read
+        # once per job, not once per row.
+        units: dict[str, str] = {}
+        out = []
+        for r in _good(rows, checks.decision, "job_sites"):
+            if r["job_id"] not in units:
+                try:
+                    units[r["job_id"]] = str(json.loads(r["spec"])["privacy"].get("unit", "site"))
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    units[r["job_id"]] = "site"
+            spent = r["epsilon_spent"]
+            out.append({**{k: v for k, v in r.items() if k != "spec"}, "reasons": json.loads(r["reasons"]),
+                        "epsilon_unit": units[r["job_id"]],
+                        "epsilon_spent": spent if checks.finite_in(spent, 0, checks.MAX_EPSILON) else None})
+        return out
 
 
 class UnreadableRow(RuntimeError):

@@ -9,6 +9,7 @@ from html import escape
 from typing import Any
 
 from aggregator.plots import SITE_LINES, quantiles, site_series, worst_sites
+from aggregator.privacy_units import UNIT_WORDS, unit_label
 
 STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:72rem;color:#222;padding:0 1rem}
@@ -68,10 +69,15 @@ def render(summary: dict[str, Any], plots: dict[str, bytes]) -> str:
         ("model", spec["model"]["name"]), ("dataset", spec["dataset"]["name"]), ("purpose", spec["purpose"]),
         ("aggregation", spec["aggregation"]), ("rounds", spec["rounds"]), ("min sites", spec["min_sites"]),
         ("local epochs", hp["epochs"]), ("learning rate", hp["learning_rate"]), ("batch size", hp["batch_size"]),
-        ("optimizer", hp["optimizer"]), ("weight decay", hp["weight_decay"]), ("DP unit", privacy["unit"]),
+        ("optimizer", hp["optimizer"]), ("weight decay", hp["weight_decay"]),
+        ("DP unit", f"{privacy['unit']} ({UNIT_WORDS[privacy['unit']]})"),
         ("clip norm", privacy["clip_norm"]), ("noise multiplier", privacy["noise_multiplier"]),
         ("δ", privacy["delta"]),
     ]
+    if privacy["unit"] == "record":  # DP-SGD: each site calibrates its own σ for a target
+        params += [("target ε per patient", privacy.get("target_epsilon")),
+                   ("record clip norm", privacy.get("record_clip_norm")),
+                   ("record noise multiplier", privacy.get("record_noise_multiplier") or "per site, for the target")]
     parts.append("<h2>Parameters</h2>" + _table(["parameter", "value"], [[escape(k), _param(v)] for k, v in params]))
     parts.append("<h2>AUC and loss per round</h2>")
     parts.append("<p class=\"muted\">Round r is global model version r (0: the initial model), evaluated by each "
@@ -80,11 +86,16 @@ def render(summary: dict[str, Any], plots: dict[str, bytes]) -> str:
               for caption, png in plots.items()]
     parts.append(_rounds_table(summary))
     parts.append("<h2>Sites: decision and privacy loss ε</h2>")
+    unit = summary.get("privacy", {}).get("unit", "site")
+    other = "record" if unit == "site" else "site"
     site_rows = [
-        [escape(s), escape(d["decision"]), _num(d["epsilon"], 2), escape("; ".join(d["reasons"])) or "—"]
+        [escape(s), escape(d["decision"]), _num(d["epsilon"], 2),
+         _num((d.get("epsilon_by_unit") or {}).get(other), 2), escape("; ".join(d["reasons"])) or "—"]
         for s, d in sorted(summary["sites"].items())
     ]
-    site_table = _table(["site", "decision", f"ε (δ={privacy['delta']:g})", "reasons"], site_rows, numeric_from=2)
+    # The job's unit first; the other column is filled only where a site's policy also applied that unit.
+    site_table = _table(["site", "decision", f"{unit_label(unit)} (δ={privacy['delta']:g})",
+                         f"{unit_label(other)} (where a site also applied it)", "reasons"], site_rows, numeric_from=2)
     if len(site_rows) > SITE_LINES:
         counts = ", ".join(f"{n} {d}" for d, n in sorted(summary.get("decisions", {}).items()))
         parts.append(_worst_table(summary))
@@ -93,7 +104,8 @@ def render(summary: dict[str, Any], plots: dict[str, bytes]) -> str:
         parts.append(site_table)
     refused = [r for r in site_rows if r[1] == "refused"]
     parts.append("<h2>Refusals</h2>")
-    parts.append(_table(["site", "decision", "ε", "reasons"], refused, numeric_from=2) if refused
+    parts.append(_table(["site", "decision", unit_label(unit), unit_label(other), "reasons"], refused,
+                        numeric_from=2) if refused
                  else "<p class=\"muted\">No site refused the job.</p>")
     parts.append("<h2>Rejected updates</h2>")
     rej = [
@@ -142,4 +154,4 @@ def _worst_table(summary: dict[str, Any]) -> str:
     rows = [[escape(s), str(series[s][-1][0]), _num(series[s][-1][1]),
              _num(summary["sites"].get(s, {}).get("epsilon"), 2)] for s in worst]
     return ("<p>The sites with the lowest validation AUC at their last evaluation:</p>"
-            + _table(["site", "round", "AUC", "ε"], rows))
+            + _table(["site", "round", "AUC", unit_label(summary.get("privacy", {}).get("unit", "site"))], rows))

@@ -85,6 +85,7 @@ def site_round_records(run: RunRef, base: dict[str, Param], rnd: int, info: dict
     params = base | {"train_data_size": info["num_samples"]}
     if info["epsilon"] is not None:
         params["epsilon"] = float(info["epsilon"])
+        params["epsilon_unit"] = base.get("dp_unit", "site")  # record: per patient
     return [
         Record(key=f"{run.name}|params|{rnd}", run=run, kind="params", params=params),
         Record(key=f"{run.name}|Training:Loss|{rnd}", run=run, kind="metric", name="Training:Loss",

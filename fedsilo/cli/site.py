@@ -100,8 +100,10 @@ def policy_explain(policy_file: Path, job_file: Path, spent: float) -> None:
 
     p = SitePolicy.load(policy_file)
     spec = JobSpec.from_yaml(job_file.read_text())
-    decision, _ = evaluate(p, spec, p.site, endpoints=[], spent=spent, active_jobs=0, load=load_data)
-    eps = "none (no noise)" if decision.epsilon_planned is None else f"{decision.epsilon_planned:.2f}"
+    decision, _ = evaluate(p, spec, p.site, endpoints=[], spent={spec.privacy.unit: spent}, active_jobs=0,
+                           load=load_data)
+    eps = "none (no noise)" if decision.epsilon_planned is None else \
+        f"{decision.epsilon_planned:.2f} {spec.privacy.unit_words}"
     if decision.accepted:
         click.echo(f"ACCEPT: {p.site} would run {spec.name!r}; projected ε {eps}, "
                    f"budget use {decision.epsilon_before:.2f} → {decision.epsilon_after:.2f}")

@@ -93,7 +93,8 @@ def test_decisions_per_site(fed: LocalFederation) -> None:
     rows = admin.request("GET", "/api/v1/decisions?site=hungary")
     mine = [r for r in rows if r["job_id"] == job_id]
     assert mine == [{"job_id": job_id, "site": "hungary", "decision": "offered", "reasons": [],
-                     "epsilon_planned": None, "epsilon_spent": None, "at": mine[0]["at"], "job_state": "offered"}]
+                     "epsilon_planned": None, "epsilon_spent": None, "epsilon_unit": "record", "at": mine[0]["at"],
+                     "job_state": "offered"}]
     assert {r["site"] for r in admin.request("GET", "/api/v1/decisions") if r["job_id"] == job_id} == {
         "hungary", "cleveland"}
     admin.cancel(job_id)

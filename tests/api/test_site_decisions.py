@@ -39,10 +39,25 @@ def test_each_sites_answers_with_the_latest_epsilon_per_job(store: StateStore) -
     by_key = {(r["job_id"], r["site"]): r for r in rows}
     assert by_key["job-a", "cleveland"] == {
         "job_id": "job-a", "site": "cleveland", "decision": "accepted", "reasons": [], "epsilon_planned": 9.5,
-        "epsilon_spent": 2.5, "at": 3.0, "job_state": "running"}
+        "epsilon_spent": 2.5, "epsilon_unit": "record", "at": 3.0, "job_state": "running"}
     assert by_key["job-a", "hungary"]["reasons"] == ["no data", "cohort too small"]
     assert by_key["job-a", "hungary"]["epsilon_spent"] is None
     assert by_key["job-b", "hungary"]["decision"] == "offered"
     assert [(r["job_id"], r["decision"]) for r in store.site_decisions("hungary")] == [
         ("job-a", "refused"), ("job-b", "offered")]
     assert store.site_decisions("nowhere") == []
+
+
+def test_each_sites_epsilon_is_kept_per_unit(store: StateStore) -> None:
+    spec = JobSpec.from_yaml(EXAMPLE.read_text())
+    store.create_job("job-a", spec, SHA0, 1.0)
+    store.open_round("job-a", 1, "train", SHA0, 5.0, 65.0)
+    # hungary's policy requires the site unit too: its updates report ε per patient and per site.
+    store.add_update(UpdateRow("job-a", 1, "hungary", SHA1, 100, 0.6, 0.4, 6.0, True,
+                               (("record", 0.4), ("site", 12.5))), None)
+    store.add_update(UpdateRow("job-a", 1, "cleveland", SHA2, 100, 0.6, 0.5, 6.0, True, (("record", 0.5),)), None)
+    store.open_round("job-a", 2, "train", SHA1, 7.0, 67.0)
+    store.add_update(UpdateRow("job-a", 2, "hungary", SHA2, 100, 0.5, 0.7, 8.0, True,
+                               (("record", 0.7), ("site", 17.0))), None)
+    assert store.site_spend("job-a") == {"hungary": {"record": 0.7, "site": 17.0}, "cleveland": {"record": 0.5}}
+    assert store.site_spend("job-b") == {}

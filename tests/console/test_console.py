@@ -31,6 +31,7 @@ from fedsilo.datasets import split_by_center
 from fedsilo.local import LocalFederation, example_policy
 from tests.conftest import CHROMIUM
 from tests.participants import post_update
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart-disease.yaml"
@@ -149,7 +150,8 @@ def test_viewer_sees_sites_and_jobs_but_cannot_act(console: Console, fed: LocalF
         row = page.locator(f"#sites-table tr[data-site={site}]")
         expect(row.locator(".badge.online")).to_be_visible()
         expect(row.locator("td").nth(3).locator(f"a[href='#/jobs/{job_id}']")).to_be_visible()  # accepted
-        expect(row.locator("td").nth(5)).to_have_text(re.compile(r"^\d+\.\d\d$"))  # ε spent
+        # ε spent, with its unit: these jobs are per site (update-level noise)
+        expect(row.locator("td").nth(5)).to_have_text(re.compile(r"^ε \d+\.\d\d per site$"))
     refuser = page.locator(f"#sites-table tr[data-site={REFUSER}]")
     expect(refuser.locator(".badge.online")).to_be_visible()
     expect(refuser.locator("td").nth(4).locator("li").first).to_contain_text("does not exist")
@@ -232,6 +234,10 @@ def test_admin_submits_follows_pauses_resumes_and_cancels(
     page.click("#submit-job")
     expect(page.locator("#submit-result")).to_contain_text("Submitted")
     other = page.locator("#submit-result a").inner_text()
+    # The sites view below lists the job as accepted: let both hospitals answer before it is cancelled (an agent
+    # busy with the long job's rounds may take a few seconds on a loaded machine).
+    wait_for(lambda: all(fed.client.job(other)["sites"].get(s, {}).get("decision") == "accepted" for s in SITES),
+             what=f"both sites accepting {other}")
     page.click("#submit-result a")
     expect(page.locator("h1 code")).to_have_text(other)
     page.click("#cancel")

@@ -27,6 +27,7 @@ from agent.fedml_adapter import (
 )
 from agent.policy import DatasetPolicy, SitePolicy, evaluate
 from agent.privacy import PrivacyEngine
+from agent.privacy_policy import BudgetPolicy, SitePrivacy
 from agent.state import AgentState
 from federation.jobs import JobSpec
 from federation.models import build_model, get_weights
@@ -34,7 +35,9 @@ from federation.tensors import decode
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINERS = Path(__file__).resolve().parent / "fedml_trainers.py"
-JOB: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "heart-disease.yaml").read_text())
+# A registered trainer cannot give record-level DP, so these jobs use the site unit (update-level noise).
+JOB: dict[str, Any] = {**yaml.safe_load((ROOT / "examples" / "heart-disease.yaml").read_text()),
+                       "privacy": {"unit": "site", "clip_norm": 0.3, "noise_multiplier": 0.4, "delta": 1e-5}}
 DIM = 25  # the heart-disease schema's encoded width
 
 
@@ -198,8 +201,10 @@ def test_a_huge_update_is_still_clipped_and_noised(trainer_dir: Path, tmp_path: 
     delta = {k: after[k] - before[k] for k in before}
     raw = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in delta.values()))
     assert raw > 1e6  # the trainer's update is enormous
-    engine = PrivacyEngine(AgentState(tmp_path / "agent.db"), rng=np.random.default_rng(0))
-    update = engine.privatize("cleveland", "job-1", 1, spec, delta, 120, None, 0.5, budget=1e6)
+    engine = PrivacyEngine(AgentState(tmp_path / "agent.db"))
+    plan = SitePrivacy(("site",), None, spec.privacy.noise_multiplier, spec.privacy.clip_norm, spec.privacy.delta)
+    update = engine.privatize("cleveland", "job-1", 1, spec, plan, delta, 120, None, 0.5,
+                              budget=BudgetPolicy(epsilon=1e6))
     sent = decode(update.payload)
     norm = math.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in sent.values()))
     d = sum(v.size for v in sent.values())
@@ -222,7 +227,7 @@ def fake_load(ds: DatasetPolicy, spec: JobSpec) -> SiteData:
 
 
 def reasons(policy: SitePolicy, spec: JobSpec) -> list[str]:
-    decision, _ = evaluate(policy, spec, "cleveland", endpoints=["agg:443"], spent=0.0, active_jobs=0,
+    decision, _ = evaluate(policy, spec, "cleveland", endpoints=["agg:443"], spent={}, active_jobs=0,
                            load=fake_load)
     return decision.reasons
 

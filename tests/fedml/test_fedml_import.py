@@ -123,9 +123,16 @@ def test_unknown_model_names_the_registered_ones(tmp_path: Path) -> None:
 
 
 def test_mlp_and_fedprox_map(tmp_path: Path) -> None:
-    result = import_fedml(variant(tmp_path, model_args={"model": "mlp"},
-                                  train_args={"federated_optimizer": "FedProx", "fedprox_mu": 0.1,
-                                              "client_optimizer": "Adam"}), SITES)
+    config = variant(tmp_path, model_args={"model": "mlp"},
+                     train_args={"federated_optimizer": "FedProx", "fedprox_mu": 0.1, "client_optimizer": "Adam"})
+    # FedProx's proximal term is not per-example, so it cannot run under the example job's per-patient DP-SGD:
+    # the default template refuses it with that reason, and a per-site template takes it.
+    with pytest.raises(FedMLImportError, match="fedprox is not available with record-level DP"):
+        import_fedml(config, SITES)
+    site_level = tmp_path / "site-level.yaml"
+    site_level.write_text(yaml.safe_dump({**yaml.safe_load((ROOT / "examples" / "heart-disease.yaml").read_text()),
+                                          "privacy": {"unit": "site", "clip_norm": 0.3, "noise_multiplier": 0.4}}))
+    result = import_fedml(config, SITES, template=site_level)
     assert result.job.model.name == "mlp" and result.job.aggregation == "fedprox"
     assert result.job.aggregation_params.proximal_mu == 0.1 and result.job.hyperparameters.optimizer == "adam"
     assert statuses(result)["train_args.fedprox_mu"] == "mapped"

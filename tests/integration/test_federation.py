@@ -252,22 +252,34 @@ def test_agent_killed_mid_job_rejoins_and_the_job_finishes(fed: LocalFederation)
     assert summary["sites"]["cleveland"]["epsilon"] == pytest.approx(epsilon_for(0.1, 6, 1e-5), rel=1e-6)
 
 
-def test_record_level_dp_job_accounts_the_record_guarantee(fed: LocalFederation) -> None:
+def test_a_per_patient_job_runs_dpsgd_alone_and_every_report_says_its_unit(fed: LocalFederation) -> None:
     from agent.data import load_site_data
-    from agent.dpsgd import record_epsilon
+    from agent.record_plan import record_plan
 
-    privacy = {"clip_norm": 1.0, "noise_multiplier": 0.1, "unit": "record", "record_clip_norm": 1.0,
-               "record_noise_multiplier": 1.0}
-    text = job_yaml(rounds=2, sites=["cleveland", "hungary"], min_sites=2, privacy=privacy,
-                    hyperparameters={"epochs": 1, "learning_rate": 0.1, "batch_size": 32})
+    text = job_yaml(rounds=2, sites=["cleveland", "hungary"], min_sites=2)  # the example: ε ≤ 1 per patient
     job_id = fed.client.submit(text)
     summary = fed.wait_job(job_id, timeout=120)
     assert summary["state"] == "finished", summary["reason"]
+    assert summary["privacy"] == {"unit": "record", "unit_words": "per patient record", "delta": 1e-5}
     spec = JobSpec.from_yaml(text)
-    policy = yaml.safe_load((fed.workdir / "config" / "policy-cleveland.yaml").read_text())
-    data = load_site_data(Path(policy["datasets"]["heart-disease"]["path"]), spec.features, spec.dataset)
-    assert summary["sites"]["cleveland"]["epsilon"] == pytest.approx(record_epsilon(spec, data.n_train, 2))
+    metrics = fed.client.request("GET", "/metrics").decode()
+    for site in ("cleveland", "hungary"):
+        # Each site calibrated its own DP-SGD σ for its own records and reported the ε of its plan, per patient.
+        policy = yaml.safe_load((fed.workdir / "config" / f"policy-{site}.yaml").read_text())
+        data = load_site_data(Path(policy["datasets"]["heart-disease"]["path"]), spec.features, spec.dataset)
+        per_patient = record_plan(spec, data.n_train).epsilon(2)
+        s = summary["sites"][site]
+        assert s["epsilon_unit"] == "record" and s["epsilon"] == pytest.approx(per_patient)
+        assert s["epsilon_by_unit"] == {"record": pytest.approx(per_patient)} and per_patient <= 1.0
+        assert re.search(rf'fedsilo_site_epsilon{{job="{job_id}",site="{site}",unit="record"}} ', metrics)
     assert summary["history"][-1]["global"]["auc"] > 0.6
+    html = (fed.report_dir / job_id / "report.html").read_text()
+    assert "ε per patient record (δ=1e-05)" in html
+    # The site unit is not charged by a record-level job: the agents' per-site ledgers are untouched by it.
+    base = f"http://127.0.0.1:{fed.status_ports['cleveland']}"
+    agent_metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
+    assert re.search(r'^fedsilo_agent_epsilon_spent\{dataset="heart-disease",unit="record"\} [0-9.]+', agent_metrics,
+                     re.M)
 
 
 def test_metrics_pass_promtool_on_the_aggregator_and_an_agent(fed: LocalFederation) -> None:

@@ -121,7 +121,7 @@ def job(fed: LocalFederation) -> str:
     """A job in its first round with mallory taking part (she never uploads a good update, so it waits)."""
     data = yaml.safe_load(EXAMPLE.read_text())
     data.update(rounds=2, sites=["cleveland", "hungary", "mallory"], min_sites=2, round_deadline_s=600, quorum=1.0)
-    data["privacy"].update(unit="site", clip_norm=1.0, noise_multiplier=0.1)
+    data["privacy"] = {"unit": "site", "clip_norm": 1.0, "noise_multiplier": 0.1, "delta": 1e-5}
     job_id = fed.client.submit(yaml.safe_dump(data))
 
     async def join() -> None:

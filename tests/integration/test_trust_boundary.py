@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import ssl
 import subprocess
@@ -24,11 +25,12 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.data import load_site_data
+from agent.record_plan import record_plan
 from federation import topics
 from federation.jobs import JobSpec
 from federation.messages import JobOffer, RoundTask, SiteEvent, canonical_json, update_path
 from federation.mqtt import MqttLink
-from federation.privacy import epsilon_for
 from federation.signing import load_private_key, sign
 from federation.transport import BrokerConfig, TLSConfig
 from fedsilo.certs import local_pki
@@ -217,7 +219,7 @@ def test_agent_refuses_unsigned_forged_tampered_expired_and_replayed_messages(fe
 # ---------------------------------------------------------------- policy, budget, audit
 def test_a_job_outside_policy_is_refused_with_every_reason_and_audited(fed: LocalFederation) -> None:
     bad = yaml.safe_load(job_yaml(rounds=1))
-    bad["privacy"]["noise_multiplier"] = 0.1  # below both sites' floor of 0.3
+    bad["privacy"] = {"unit": "site", "clip_norm": 0.3, "noise_multiplier": 0.1}  # below both sites' floor of 0.3
     bad["metrics"] = ["auc", "age"]  # a raw column asked for as a "metric"
     bad["purpose"] = "marketing"
     job_id = fed.client.submit(yaml.safe_dump(bad))
@@ -246,10 +248,19 @@ def test_spend_survives_a_crash_between_ledger_write_and_upload(fed: LocalFedera
     summary = fed.wait_job(job_id, timeout=120)
     assert summary["state"] == "finished", summary["reason"]
     assert all(h["sites_reporting"] == 2 for h in summary["history"][1:])
-    # exactly three releases were accounted: none lost in the crash, none released twice
+    # exactly three releases were accounted, per patient record: none lost in the crash, none released twice
     spec = JobSpec.from_yaml(job_yaml(rounds=3))
-    assert summary["sites"]["hungary"]["epsilon"] == pytest.approx(
-        epsilon_for(spec.privacy.noise_multiplier, 3, spec.privacy.delta), rel=1e-9)
+    policy = yaml.safe_load((fed.workdir / "config" / "policy-hungary.yaml").read_text())
+    data = load_site_data(Path(policy["datasets"]["heart-disease"]["path"]), spec.features, spec.dataset)
+    per_patient = record_plan(spec, data.n_train).epsilon(3)
+    hungary = summary["sites"]["hungary"]
+    assert hungary["epsilon_unit"] == "record" and hungary["epsilon"] == pytest.approx(per_patient, rel=1e-9)
+    assert hungary["epsilon_by_unit"] == {"record": pytest.approx(per_patient, rel=1e-9)}
+    # The agent's own ledger, per unit: the per-patient one holds this job's spend, the per-site one none of it.
+    agent = urllib.request.urlopen(f"http://127.0.0.1:{fed.status_ports['hungary']}/metrics", timeout=5).read()
+    spent = {m.group(1): float(m.group(2)) for m in re.finditer(
+        rb'fedsilo_agent_epsilon_spent\{dataset="heart-disease",unit="(\w+)"\} (\S+)', agent)}
+    assert spent[b"site"] == 0.0 and spent[b"record"] >= per_patient
 
 
 def test_a_job_pushed_past_its_plan_is_stopped_by_the_site(fed: LocalFederation) -> None:

@@ -115,7 +115,9 @@ def test_sagemaker_experiment_after_a_three_round_job(stack: Stack) -> None:
     assert params["train_data_size"] == last["num_samples"]
     assert params["learning_rate"] == spec["learning_rate"] and params["batch_size"] == spec["batch_size"]
     assert params["client_optimizer"] == "sgd" and params["weight_decay"] == spec["weight_decay"]
-    assert params["dp_noise_multiplier"] == 0.4 and params["epsilon"] == pytest.approx(last["epsilon"])
+    # The example job is per patient: DP-SGD, no update-level noise, and the ε logged says its unit.
+    assert (params["dp_unit"], params["dp_noise_multiplier"], params["epsilon_unit"]) == ("record", 0.0, "record")
+    assert params["epsilon"] == pytest.approx(last["epsilon"])
     assert site["Status"]["PrimaryStatus"] == "Completed"
 
     # Per-step series as the SDK sent them (BatchPutMetrics), against the job's own summary.

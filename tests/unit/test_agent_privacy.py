@@ -12,11 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 from agent.audit import AuditLog
 from agent.egress import EgressGate, EgressRefusedError
 from agent.policy import EgressPolicy
 from agent.privacy import AlreadyReleasedError, BudgetExhaustedError, PrivacyEngine, PrivatizedUpdate
+from agent.privacy_policy import BudgetPolicy, SitePrivacy
 from agent.state import AgentState
 from federation.jobs import JobSpec
 from federation.messages import EvalMetrics, UpdateEnvelope
@@ -27,9 +29,16 @@ from federation.transport import BrokerConfig, TLSConfig
 from fedsilo.certs import local_pki
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart-disease.yaml"
-SPEC = JobSpec.from_yaml(EXAMPLE.read_text())
+# These tests exercise the site unit's send path (update-level noise); the record unit's is in test_record_dp.py.
+SPEC = JobSpec.model_validate({**yaml.safe_load(EXAMPLE.read_text()),
+                               "privacy": {"clip_norm": 0.3, "noise_multiplier": 0.4, "delta": 1e-5}})
+PLAN = SitePrivacy(("site",), None, 0.4, 0.3, 1e-5)
 EVAL = EvalMetrics(n=100, loss=0.6, auc=0.7)
-BIG = 1e9
+BIG = BudgetPolicy(epsilon=1e9)
+
+
+def budget(eps: float) -> BudgetPolicy:
+    return BudgetPolicy(epsilon=eps)
 
 
 def delta(scale: float = 10.0, n: int = 25) -> dict[str, np.ndarray]:
@@ -38,8 +47,8 @@ def delta(scale: float = 10.0, n: int = 25) -> dict[str, np.ndarray]:
 
 def test_release_is_clipped_noised_accounted_and_durable(tmp_path: Path) -> None:
     state = AgentState(tmp_path / "agent.db")
-    engine = PrivacyEngine(state, rng=np.random.default_rng(0))
-    up = engine.privatize("cleveland", "job-1", 1, SPEC, delta(), 200, EVAL, 0.5, budget=BIG)
+    engine = PrivacyEngine(state)
+    up = engine.privatize("cleveland", "job-1", 1, SPEC, PLAN, delta(), 200, EVAL, 0.5, budget=BIG)
     p = SPEC.privacy
     noisy = decode(up.payload)
     assert up.envelope.sha256 == sha256_hex(up.payload)
@@ -51,16 +60,17 @@ def test_release_is_clipped_noised_accounted_and_durable(tmp_path: Path) -> None
     engine2 = PrivacyEngine(state2)
     again = engine2.pending("job-1", 1)
     assert again is not None and again.payload == up.payload
-    assert engine2.spent("job-1", SPEC, 200) == pytest.approx(up.envelope.epsilon)
-    assert state2.spent("heart-disease") == pytest.approx(up.envelope.epsilon)
+    assert state2.job_spend("job-1") == {"site": pytest.approx(up.envelope.epsilon)}
+    assert state2.spent("heart-disease", "site") == pytest.approx(up.envelope.epsilon)
+    assert state2.spent("heart-disease", "record") == 0.0
 
 
 def test_a_round_is_never_released_twice(tmp_path: Path) -> None:
     engine = PrivacyEngine(AgentState(tmp_path / "agent.db"))
-    engine.privatize("cleveland", "job-1", 1, SPEC, delta(), 200, EVAL, 0.5, budget=BIG)
+    engine.privatize("cleveland", "job-1", 1, SPEC, PLAN, delta(), 200, EVAL, 0.5, budget=BIG)
     with pytest.raises(AlreadyReleasedError):
-        engine.privatize("cleveland", "job-1", 1, SPEC, delta(), 200, EVAL, 0.5, budget=BIG)
-    second = engine.privatize("cleveland", "job-1", 2, SPEC, delta(), 200, EVAL, 0.5, budget=BIG)
+        engine.privatize("cleveland", "job-1", 1, SPEC, PLAN, delta(), 200, EVAL, 0.5, budget=BIG)
+    second = engine.privatize("cleveland", "job-1", 2, SPEC, PLAN, delta(), 200, EVAL, 0.5, budget=BIG)
     assert second.envelope.epsilon == pytest.approx(epsilon_for(SPEC.privacy.noise_multiplier, 2, 1e-5))
 
 
@@ -69,14 +79,14 @@ def test_the_budget_is_never_exceeded_across_jobs(tmp_path: Path) -> None:
     engine = PrivacyEngine(state)
     one_round = epsilon_for(SPEC.privacy.noise_multiplier, 1, 1e-5)
     two_rounds = epsilon_for(SPEC.privacy.noise_multiplier, 2, 1e-5)
-    budget = one_round + two_rounds + 0.01
-    engine.privatize("cleveland", "job-a", 1, SPEC, delta(), 200, EVAL, 0.5, budget=budget)
-    engine.privatize("cleveland", "job-b", 1, SPEC, delta(), 200, EVAL, 0.5, budget=budget)
-    engine.privatize("cleveland", "job-b", 2, SPEC, delta(), 200, EVAL, 0.5, budget=budget)
+    total = budget(one_round + two_rounds + 0.01)
+    engine.privatize("cleveland", "job-a", 1, SPEC, PLAN, delta(), 200, EVAL, 0.5, budget=total)
+    engine.privatize("cleveland", "job-b", 1, SPEC, PLAN, delta(), 200, EVAL, 0.5, budget=total)
+    engine.privatize("cleveland", "job-b", 2, SPEC, PLAN, delta(), 200, EVAL, 0.5, budget=total)
     with pytest.raises(BudgetExhaustedError, match="past the budget"):
-        engine.privatize("cleveland", "job-b", 3, SPEC, delta(), 200, EVAL, 0.5, budget=budget)
+        engine.privatize("cleveland", "job-b", 3, SPEC, PLAN, delta(), 200, EVAL, 0.5, budget=total)
     assert state.release("job-b", 3) is None  # nothing was released or logged
-    assert state.spent("heart-disease") == pytest.approx(one_round + two_rounds)
+    assert state.spent("heart-disease", "site") == pytest.approx(one_round + two_rounds)
 
 
 def test_privatized_updates_cannot_be_forged() -> None:
@@ -123,7 +133,7 @@ POLICY = EgressPolicy(allowed_endpoints=["127.0.0.1:1"], max_upload_bytes_per_ro
 
 def released(tmp_path: Path, n: int = 25, evaluation: EvalMetrics | None = EVAL) -> PrivatizedUpdate:
     engine = PrivacyEngine(AgentState(tmp_path / "engine.db"))
-    return engine.privatize("cleveland", "job-1", 1, SPEC, delta(n=n), 200, evaluation, 0.5, budget=BIG)
+    return engine.privatize("cleveland", "job-1", 1, SPEC, PLAN, delta(n=n), 200, evaluation, 0.5, budget=BIG)
 
 
 def test_gate_refuses_an_unprivatized_tensor(tls: TLSConfig, audit: AuditLog) -> None:

@@ -12,7 +12,6 @@ from pydantic import ValidationError
 
 from agent.daemon import load_data
 from agent.policy import SitePolicy, evaluate
-from agent.privacy import job_epsilon
 from federation.jobs import JobSpec
 from federation.privacy import calibrate_noise, epsilon_for
 from fedsilo.datasets import split_by_center
@@ -57,7 +56,7 @@ def test_a_job_with_a_target_keeps_both_and_every_party_resolves_the_same_sigma(
     spec = JobSpec.model_validate(job(rounds=10, target_epsilon=8.0))
     assert spec.privacy.target_epsilon == 8.0
     assert spec.privacy.noise_multiplier == calibrate_noise(8.0, 10, 1e-5)
-    assert 8.0 * 0.99 <= job_epsilon(spec, None) <= 8.0
+    assert 8.0 * 0.99 <= epsilon_for(spec.privacy.noise_multiplier, 10, 1e-5) <= 8.0
     # The aggregator stores and signs the validated spec; an agent re-validates that JSON and gets the same σ.
     again = JobSpec.model_validate_json(spec.model_dump_json())
     assert again.privacy == spec.privacy
@@ -73,11 +72,15 @@ def test_a_stated_sigma_that_misses_the_target_is_refused() -> None:
     assert ok.privacy.noise_multiplier == 50.0
 
 
-@pytest.mark.parametrize("noise", [{}, {"noise_multiplier": 1.0}])
-def test_target_epsilon_is_refused_for_record_level_dp(noise: dict[str, Any]) -> None:
-    with pytest.raises(ValidationError, match="target_epsilon is for update-level DP"):
+def test_a_record_level_target_is_per_patient_and_left_to_each_site() -> None:
+    spec = JobSpec.model_validate(job(target_epsilon=4.0, unit="record", record_clip_norm=1.0))
+    # No single σ: each site calibrates DP-SGD's for its own records; no update-level noise is resolved.
+    assert spec.privacy.noise_multiplier == 0.0 and spec.privacy.record_noise_multiplier is None
+    with pytest.raises(ValidationError, match="exactly one of target_epsilon"):
         JobSpec.model_validate(job(target_epsilon=4.0, unit="record", record_clip_norm=1.0,
-                                   record_noise_multiplier=1.0, **noise))
+                                   record_noise_multiplier=1.0))
+    with pytest.raises(ValidationError, match="needs record_clip_norm"):
+        JobSpec.model_validate(job(target_epsilon=4.0, unit="record"))
 
 
 def test_a_target_the_site_floor_cannot_meet_is_refused_with_the_numbers(tmp_path: Path) -> None:
@@ -89,7 +92,7 @@ def test_a_target_the_site_floor_cannot_meet_is_refused_with_the_numbers(tmp_pat
 
     loose = JobSpec.model_validate(job(rounds=1, target_epsilon=60.0))
     assert loose.privacy.noise_multiplier < floor
-    d, data = evaluate(policy, loose, "hungary", endpoints=[], spent=0.0, active_jobs=0, load=load_data)
+    d, data = evaluate(policy, loose, "hungary", endpoints=[], spent={}, active_jobs=0, load=load_data)
     sigma = loose.privacy.noise_multiplier
     floor_eps = epsilon_for(floor, 1, 1e-5)
     assert (f"target ε 60 over 1 rounds (δ 1e-05) needs noise multiplier {sigma:.3f}, below this site's floor "
@@ -97,7 +100,7 @@ def test_a_target_the_site_floor_cannot_meet_is_refused_with_the_numbers(tmp_pat
     assert data is None
 
     strict = JobSpec.model_validate(job(rounds=10, target_epsilon=8.0))
-    d, data = evaluate(policy, strict, "hungary", endpoints=[], spent=0.0, active_jobs=0, load=load_data)
+    d, data = evaluate(policy, strict, "hungary", endpoints=[], spent={}, active_jobs=0, load=load_data)
     assert not any("floor" in r for r in d.reasons), d.reasons
     # The policy's projected ε is the calibrated one: within 1 % below the job's target.
     assert d.epsilon_planned is not None and 8.0 * 0.99 <= d.epsilon_planned <= 8.0

@@ -32,7 +32,7 @@ def test_outcome_names_state_sites_epsilon_metrics_and_report(tmp_path: Path) ->
     (report / "outcome-logreg-1234abcd" / "report.html").write_text("<html/>")
     lines = outcome_lines(summary(), report)
     assert lines[0] == "job outcome-logreg-1234abcd [green]finished[/] in 12.5s"
-    assert lines[1] == "  north           accepted  ε=67.42"
+    assert lines[1] == "  north           accepted  ε=67.423 per site"
     assert lines[2] == "  south           refused   (purpose 'x' is not allowed; column(s) not allowed)"
     assert lines[3].startswith("final global model: validation AUC 0.7312, loss 0.6200")
     assert lines[4:] == ["report:", f"  {report / 'outcome-logreg-1234abcd' / 'report.html'}"]

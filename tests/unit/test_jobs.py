@@ -25,7 +25,9 @@ def test_example_job_is_valid_and_has_the_13_features() -> None:
     spec = JobSpec.from_yaml(EXAMPLE.read_text())
     assert len(spec.features.columns()) == 13
     assert spec.features.input_dim() == 25
-    assert spec.privacy.noise_multiplier > 0
+    # Per-patient privacy by default: record-level DP-SGD at ε ≤ 1 per patient record, δ = 1e-5.
+    p = spec.privacy
+    assert (p.unit, p.target_epsilon, p.delta, p.noise_multiplier) == ("record", 1.0, 1e-5, 0.0)
 
 
 def errors_of(data: dict[str, Any]) -> set[str]:
@@ -45,7 +47,7 @@ def test_bad_fields_are_each_named() -> None:
 
 def test_zero_noise_requires_explicit_opt_in() -> None:
     data = example()
-    data["privacy"]["noise_multiplier"] = 0
+    data["privacy"] = {"unit": "site", "clip_norm": 0.3, "noise_multiplier": 0}
     with pytest.raises(ValidationError, match="allow_no_noise"):
         JobSpec.model_validate(data)
     data["privacy"]["allow_no_noise"] = True
@@ -80,7 +82,7 @@ def test_canonical_json_is_stable() -> None:
 
 
 def test_a_zero_start_is_all_zeros_and_refused_for_hidden_layers() -> None:
-    data = example()
+    data = {**example(), "model": {"name": "logreg"}}
     seeded = initial_weights(JobSpec.model_validate(data))
     assert any(abs(v).sum() > 0 for v in seeded.values())
     data["model"] = {"name": "logreg", "init": "zeros"}

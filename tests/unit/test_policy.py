@@ -21,7 +21,10 @@ from fedsilo.datasets import split_by_center
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "policies" / "examples").glob("*.yaml"))
-JOB = yaml.safe_load((ROOT / "examples" / "heart-disease.yaml").read_text())
+# The rules below are the site unit's (update-level noise); the record unit's are in test_record_dp.py.
+JOB = {**yaml.safe_load((ROOT / "examples" / "heart-disease.yaml").read_text()),
+       "model": {"name": "logreg"},
+       "privacy": {"unit": "site", "clip_norm": 0.3, "noise_multiplier": 0.4, "delta": 1e-5}}
 
 
 def test_there_is_one_valid_example_policy_per_center() -> None:
@@ -55,7 +58,7 @@ def decide(policy: SitePolicy, spent: float = 0.0, active: int = 0, now: dt.date
         else:
             job[key] = value
     spec = JobSpec.model_validate(job)
-    d, data = evaluate(policy, spec, "hungary", endpoints=["agg:443", "mq:8883"], spent=spent,
+    d, data = evaluate(policy, spec, "hungary", endpoints=["agg:443", "mq:8883"], spent={"site": spent},
                        active_jobs=active, load=load_data, now=now)
     assert (data is not None) == d.accepted
     return d.reasons

@@ -100,13 +100,14 @@ def test_norm_bounded_fedavg_clips_and_caps_weights() -> None:
 
 @pytest.mark.parametrize("name", ["fedavg", "fedprox", "median", "trimmed_mean", "fedavg_normbound"])
 def test_every_strategy_a_job_can_name_is_built_and_refuses_an_empty_round(name: str) -> None:
-    s = make_strategy(JobSpec.model_validate({**valid_job(), "aggregation": name}))
+    site_level = {"unit": "site", "clip_norm": 0.3, "noise_multiplier": 0.4}  # fedprox needs plain local training
+    s = make_strategy(JobSpec.model_validate({**valid_job(), "aggregation": name, "privacy": site_level}))
     s.reset(_w(0))
     with pytest.raises(ValueError, match="no update"):
         s.apply(_w(0))
     s.add(_w(1.0), 5)
     assert s.count == 1
-    clip = valid_job()["privacy"]["clip_norm"]  # norm-bounded FedAvg clips to it by default
+    clip = site_level["clip_norm"]  # norm-bounded FedAvg clips to it by default
     np.testing.assert_allclose(s.apply(_w(0))["a"], 1.0 if name != "fedavg_normbound" else clip / np.sqrt(7), rtol=1e-6)
 
 
@@ -139,6 +140,6 @@ def test_fedprox_proximal_term_keeps_local_training_near_the_global_model() -> N
 def test_fedprox_with_record_level_dp_is_refused() -> None:
     job = valid_job()
     job["aggregation"] = "fedprox"
-    job["privacy"].update(unit="record", record_clip_norm=1.0, record_noise_multiplier=1.0)
+    assert job["privacy"]["unit"] == "record"  # the example job is record-level
     with pytest.raises(ValueError, match="fedprox is not available with record-level DP"):
         JobSpec.model_validate(job)
