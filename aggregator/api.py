@@ -24,10 +24,14 @@ from aggregator.auth import Identity, OperatorToken, Role, certificate_identity,
 from aggregator.blobs import BlobStore, BlobStoreError
 from aggregator.db import Db
 from aggregator.engine import RoundEngine
+from aggregator.forward import FORWARDED_OPERATOR, FORWARDED_SITE, Forwarder
 from aggregator.ingress import RateLimitedLog
+from aggregator.leases import LeaseSettings
 from aggregator.metrics import AggregatorMetrics
+from aggregator.store.leases import FencedOut
 from aggregator.store.sql import UnreadableRow
 from aggregator.validation import Rejection
+from federation.jobs import SITE_NAME
 from federation.schema import field_errors
 
 log = structlog.get_logger(__name__)
@@ -41,6 +45,8 @@ MAX_UPLOAD: web.AppKey[int] = web.AppKey("max_upload", int)
 TOKENS: web.AppKey[tuple[OperatorToken, ...]] = web.AppKey("tokens", tuple)
 BODY_TIMEOUT: web.AppKey[float] = web.AppKey("body_timeout", float)
 MAX_PARAMS: web.AppKey[int] = web.AppKey("max_params", int)
+LEASE: web.AppKey[LeaseSettings] = web.AppKey("lease", LeaseSettings)
+FORWARDER: web.AppKey[Forwarder] = web.AppKey("forwarder", Forwarder)
 METRICS_ELSEWHERE: web.AppKey[bool] = web.AppKey("metrics_elsewhere", bool)
 # After an upload larger than this the connection is closed. An idle kept-alive TLS connection keeps buffers in
 # proportion to the last large body it carried (bench/scale.py: ≈1.7 MB per idle connection after 4 MB uploads,
@@ -76,6 +82,11 @@ async def storage_errors(request: web.Request, handler: Handler) -> web.StreamRe
     except UnreadableRow as exc:
         log.error("unreadable_row", path=request.path, error=str(exc)[:500])
         return error(500, "unreadable_state", str(exc)[:500])
+    except FencedOut as exc:  # this replica lost the job's lease mid-request: its new writer takes the retry
+        request.app[ENGINE].lose(exc.job_id, str(exc))
+        response = error(503, "writer_changed", "this job's writer changed while the request ran; retry")
+        response.headers["Retry-After"] = "1"
+        return response
     except BlobStoreError as exc:
         log.error("blob_store_failed", path=request.path, error=str(exc)[:500])
         response = error(503, "storage_unavailable", f"the blob store failed: {str(exc)[:300]}; retry later")
@@ -92,8 +103,21 @@ def one_line(errors: list[dict[str, str]]) -> str:
     return "; ".join(f"{e['field']}: {e['message']}" for e in errors)
 
 
+def forwarded(request: web.Request, header: str) -> str | None:
+    """The caller another aggregator replica forwarded this request for (`aggregator.forward`): believed only
+    from a peer whose own certificate is an aggregator's, never from a site's or an operator's."""
+    cert = certificate_identity(request)
+    value = request.headers.get(header)
+    return value if value is not None and cert is not None and cert.role == "aggregator" else None
+
+
 def authorize(request: web.Request, role: str) -> Identity | Rejection:
-    """Sites are identified only by their TLS client certificate, never by headers or bodies."""
+    """Sites are identified only by their TLS client certificate, never by headers or bodies (the one exception:
+    the site named by another aggregator replica that forwarded its request, see `forwarded`)."""
+    site = forwarded(request, FORWARDED_SITE)
+    if site is not None and role == "site":
+        return Identity(site, "site") if SITE_NAME.fullmatch(site) else Rejection(
+            "no_identity", "a forwarded request named no valid site", 401)
     who = certificate_identity(request)
     if who is None:
         return Rejection("no_identity", "a client certificate issued by the federation CA is required", 401)
@@ -108,6 +132,9 @@ def operator(role: Role) -> Callable[[Handler], Handler]:
     def decorate(handler: Handler) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
             who = operator_identity(request, request.app[TOKENS])
+            named = forwarded(request, FORWARDED_OPERATOR)
+            if named is not None and len(parts := named.split(" ")) == 2 and parts[1] in ("viewer", "admin"):
+                who = Identity(parts[0], parts[1])
             if who is None:
                 cert = certificate_identity(request)
                 if cert is not None:
@@ -160,6 +187,18 @@ async def reject(
             and rejections.should_store(job_id, rnd, site):
         await app[DB](app[DB].store.add_rejection, job_id, rnd, site, r.reason, detail, time.time())
     return error(r.status, r.reason, detail)
+
+
+async def at_writer(request: web.Request, job_id: str, caller: tuple[str, str]) -> web.Response | None:
+    """When another replica writes `job_id`, the request forwarded there and its answer; None to handle it here
+    (this replica writes the job, or the job has no writer: then the engine says why it cannot be done)."""
+    app = request.app
+    if app[ENGINE].runs(job_id) or FORWARDED_SITE in request.headers or FORWARDED_OPERATOR in request.headers:
+        return None  # a forwarded request is never forwarded again
+    lease = await app[DB].read(lambda s: s.lease(job_id))
+    if lease is None or lease.holder == app[LEASE].holder:
+        return None
+    return await app[FORWARDER].to_writer(request, lease, await read_body(request), caller)
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -16,6 +16,7 @@ from aggregator.api import (
     ENGINE,
     MAX_PARAMS,
     OPERATOR,
+    at_writer,
     error,
     json_response,
     one_line,
@@ -104,6 +105,10 @@ async def _job_action(request: web.Request, action: Callable[[str], Awaitable[No
                       result: dict[str, object]) -> web.Response:
     """Run an operator action on a running job: the engine raises KeyError when the job is not running."""
     job_id = request.match_info["job_id"]
+    who: Identity = request[OPERATOR]
+    elsewhere = await at_writer(request, job_id, ("operator", f"{who.name} {who.role}"))
+    if elsewhere is not None:
+        return elsewhere
     try:
         await action(job_id)
     except KeyError:

@@ -18,6 +18,7 @@ from aggregator.api import (
     MAX_UPLOAD,
     METRICS,
     Handler,
+    at_writer,
     authorize,
     error,
     json_response,
@@ -60,7 +61,8 @@ def site_call(handler: SiteHandler) -> Handler:
         if isinstance(who, Rejection):
             return await reject(request, who, None, job_id, rnd)
         with structlog.contextvars.bound_contextvars(job=job_id, round=rnd, site=who.name):
-            return await handler(request, who.name, job_id, rnd)
+            elsewhere = await at_writer(request, job_id, ("site", who.name))
+            return elsewhere if elsewhere is not None else await handler(request, who.name, job_id, rnd)
 
     return wrapped
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,16 @@ class AggregatorConfig(Frozen):
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     tracking: TrackingConfig = TrackingConfig()
+    # This replica's name, unique among the aggregator's replicas and stable across its restarts (the pod name on
+    # Kubernetes): jobs are leased to it by name, so a restarted replica takes its own jobs back at once.
+    replica_id: str = Field(default_factory=socket.gethostname, min_length=1, max_length=128,
+                            pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$")
+    # Where the other replicas reach this one to forward a job's requests (None: https://<host>:<port>); its TLS
+    # certificate must be valid for that name.
+    advertise_url: str | None = None
+    # A replica that has not renewed a job's lease for this long loses the job to another replica (see
+    # aggregator/leases.py): the takeover time after a crash is about this plus a quarter of it.
+    lease_ttl_s: float = Field(default=3.0, gt=0.2, le=300)
     # Operator bearer tokens (sha256 only) for the console and scripts; operator certificates also work.
     operators: tuple[OperatorToken, ...] = ()
     # On SIGTERM, how long requests in flight may take to finish before their connections are closed. An update

@@ -22,6 +22,8 @@ from aggregator.privacy_units import spend_by_unit
 from aggregator.rounds import RoundTransitions, nonce
 from aggregator.runner import ACTIVE, JobRunner, initial_weights, new_job_id
 from aggregator.store import JobRow, RoundRow, SiteDecision, UpdateRow
+from aggregator.store.leases import Fence, FencedOut
+from aggregator.store.quarantine import Quarantined
 from aggregator.strategies import make_strategy
 from aggregator.validation import Rejection, check_update
 from federation import topics
@@ -40,9 +42,12 @@ class RoundEngine(RoundTransitions):
         weights = initial_weights(spec)
         sha = await self._db(self._blobs.put, encode(weights), "model")
         now = time.time()
-        await self._db(self._store.create_job, job_id, spec, sha, now, requester)
+        lease = (self._lease.holder, self._lease.address, self._lease.ttl_s) if self._lease is not None else None
+        token = await self._db(self._store.create_job, job_id, spec, sha, now, requester, lease)
         runner = JobRunner(job_id, spec, weights, sha, make_strategy(spec),
-                           decisions=dict.fromkeys(spec.sites, "offered"))
+                           decisions=dict.fromkeys(spec.sites, "offered"),
+                           fence=None if self._lease is None or token is None else Fence(job_id, self._lease.holder,
+                                                                                         token))
         self._runners[job_id] = runner
         self._offer(runner, requester, now, spec.sites)
         self._arm(runner, spec.accept_deadline_s, self._accept_deadline)
@@ -59,34 +64,58 @@ class RoundEngine(RoundTransitions):
             self._pub.publish(topics.offers(site, runner.job_id), offer, retain=True)
 
     async def recover(self) -> None:
-        """Resume every unfinished job from the store after a (re)start. Stored rows that fail their checks are
-        quarantined first, failing their jobs; a job that still cannot be resumed fails with the reason. Nothing
-        stored stops the aggregator from starting."""
-        moved = await self._db(self._store.quarantine_active, time.time())
+        """After a (re)start without leases (a single writer): quarantine bad site rows, then resume every
+        unfinished job from the store. With leases, `aggregator.leases.LeaseKeeper` calls `take` job by job."""
+        self._quarantined(await self._db(self._store.quarantine_sites, time.time()))
+        if self._lease is None:
+            for job_id in [j.job_id for j in await self._db(self._store.list_jobs, ACTIVE)]:
+                await self.take(job_id, None)
+        await self._refresh_job_gauge()
+
+    async def take(self, job_id: str, fence: Fence | None) -> None:
+        """Become the writer of `job_id` and resume it from the store. Its stored rows that fail their checks are
+        quarantined first, failing the job; a job that still cannot be resumed fails with the reason. Nothing
+        stored stops the aggregator."""
+        moved = await self._db(self._store.quarantine_job, job_id, time.time(), fence)
+        self._quarantined(moved)
+        if moved:
+            if any(q.table != "jobs" for q in moved):
+                self._post(JobEnded(job_id, "failed"))  # its report, from the rows left
+            return
+        job = await self._db(self._store.get_job, job_id)
+        if job is None or job.state not in ACTIVE:
+            return
+        try:
+            await self._recover_job(job, fence)
+        except FencedOut as exc:
+            self.lose(job_id, str(exc))
+        except Exception as exc:
+            log.exception("job_not_recovered", job=job_id)
+            reason = f"could not be resumed after a restart: {type(exc).__name__}: {exc}"[:1000]
+            runner = self._runners.get(job_id)
+            if runner is not None:  # tell its sites, as any ending does
+                async with runner.lock:
+                    await self._end(runner, "failed", reason)
+            else:
+                await self._db(self._store.set_job_state, job_id, "failed", reason, time.time(), fence=fence)
+                self._post(JobEnded(job_id, "failed"))
+
+    def _quarantined(self, moved: list[Quarantined]) -> None:
         for q in moved:
             self._metrics.quarantined_rows.labels(q.table).inc()
             log.warning("stored_row_quarantined", table=q.table, job=q.job_id, key=q.key, reason=q.reason)
-        for job_id in sorted({q.job_id for q in moved if q.job_id is not None and q.table != "jobs"}):
-            self._post(JobEnded(job_id, "failed"))  # its report, from the rows left
-        for job in await self._db(self._store.list_jobs, ACTIVE):
-            try:
-                await self._recover_job(job)
-            except Exception as exc:
-                log.exception("job_not_recovered", job=job.job_id)
-                reason = f"could not be resumed after a restart: {type(exc).__name__}: {exc}"[:1000]
-                runner = self._runners.get(job.job_id)
-                if runner is not None:  # tell its sites, as any ending does
-                    async with runner.lock:
-                        await self._end(runner, "failed", reason)
-                else:
-                    await self._db(self._store.set_job_state, job.job_id, "failed", reason, time.time())
-                    self._post(JobEnded(job.job_id, "failed"))
-        await self._refresh_job_gauge()
 
-    async def _recover_job(self, job: JobRow) -> None:
+    def fences(self) -> list[Fence]:
+        return [r.fence for r in self._runners.values() if r.fence is not None]
+
+    def runs(self, job_id: str) -> bool:
+        """Whether this replica is the writer of the active job `job_id`."""
+        return job_id in self._runners
+
+    async def _recover_job(self, job: JobRow, fence: Fence | None) -> None:
         weights = decode(await self._db(self._blobs.get, job.model_sha))
         runner = JobRunner(job.job_id, job.spec, weights, job.model_sha, make_strategy(job.spec),
-                           state=job.state, paused=job.paused)
+                           state=job.state, paused=job.paused, fence=fence)
         for d in await self._db(self._store.decisions, job.job_id):
             runner.decide(d.site, d.decision)
         self._runners[job.job_id] = runner
@@ -163,7 +192,7 @@ class RoundEngine(RoundTransitions):
         async with runner.lock:
             if runner.ended:
                 raise KeyError(job_id)
-            await self._db(self._store.set_paused, job_id, paused, time.time())
+            await self._db(self._store.set_paused, job_id, paused, time.time(), fence=runner.fence)
             runner.paused = paused
             log.info("job_paused" if paused else "job_resumed", job=job_id)
         return runner
@@ -175,6 +204,12 @@ class RoundEngine(RoundTransitions):
 
     # ---------------------------------------------------------------- site messages
     async def on_site_event(self, event: SiteEvent) -> None:
+        try:
+            await self._on_site_event(event)
+        except FencedOut as exc:
+            self.lose(exc.job_id, str(exc))
+
+    async def _on_site_event(self, event: SiteEvent) -> None:
         runner = self._runners.get(event.job_id)
         with structlog.contextvars.bound_contextvars(job=event.job_id, site=event.site):
             if runner is None or event.site not in runner.decisions:
@@ -194,6 +229,7 @@ class RoundEngine(RoundTransitions):
                 await self._db(
                     self._store.record_decision, event.job_id,
                     SiteDecision(event.site, decision, event.reasons, event.epsilon_planned, event.at),
+                    fence=runner.fence,
                 )
                 runner.decide(event.site, decision)
                 log.info("site_decision", decision=decision, reasons=event.reasons)
@@ -232,7 +268,7 @@ class RoundEngine(RoundTransitions):
                 env.job_id, env.round, site, env.sha256, env.num_samples, env.train_loss, env.epsilon, time.time(),
                 env.share_tracking, tuple(spend.items()),
             )
-            await self._db(self._store.add_update, row, env.evaluation)
+            await self._db(self._store.add_update, row, env.evaluation, fence=runner.fence)
             failpoint("ingest_after_commit")
             runner.strategy.add(update, env.num_samples)
             runner.reported.add(site)
@@ -254,7 +290,8 @@ class RoundEngine(RoundTransitions):
             self._current(runner, report.round, "evaluate")
             # A site whose policy lets no metric leave still reports, with nothing in it.
             evaluation = report.evaluation or EvalMetrics(n=0)
-            added = await self._db(self._store.add_evaluation, report.job_id, report.round - 1, site, evaluation)
+            added = await self._db(self._store.add_evaluation, report.job_id, report.round - 1, site, evaluation,
+                                   fence=runner.fence)
             if added:
                 runner.reported.add(site)
                 log.info("evaluation_accepted", round=report.round, n=evaluation.n)

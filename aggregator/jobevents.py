@@ -29,6 +29,7 @@ import structlog
 
 from aggregator.blobs import BlobStore
 from aggregator.db import Db
+from aggregator.leases import FOLLOWUP_TTL_S, LeaseSettings
 from aggregator.metrics import AggregatorMetrics
 from aggregator.report import write_report
 from aggregator.runner import weighted
@@ -67,7 +68,7 @@ JobEvent = RoundClosed | JobEnded | JobResumed
 class JobEventWorker:
     def __init__(
         self, db: Db, open_reader: Callable[[], StateStore], blobs: BlobStore, report_dir: Path,
-        tracking: TrackingHub, metrics: AggregatorMetrics, maxsize: int = 10_000,
+        tracking: TrackingHub, metrics: AggregatorMetrics, maxsize: int = 10_000, lease: LeaseSettings | None = None,
     ) -> None:
         self._db = db
         self._open_reader = open_reader
@@ -84,6 +85,8 @@ class JobEventWorker:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reports")
         self._task: asyncio.Task[None] | None = None
         self._dropping = False
+        self._lease = lease
+        self._claimed: set[str] = set()  # follow-ups taken up by this process
 
     def post(self, event: JobEvent) -> None:
         """Never blocks and never raises: called by the round engine under a job's lock."""
@@ -103,10 +106,22 @@ class JobEventWorker:
         self._wake.set()
 
     async def start(self) -> None:
-        """Start the worker, first re-posting the follow-ups of jobs that ended before the last stop."""
-        for job_id, state in await self._db(self._db.store.followups):
-            self.post(JobEnded(job_id, state))
+        """Start the worker, first taking up the follow-ups of jobs that ended before the last stop."""
+        await self.pick_up_followups()
         self._task = asyncio.create_task(self._run(), name="job-events")
+
+    async def pick_up_followups(self) -> None:
+        """Post the follow-ups no replica is doing: with leases, only those this replica claims (a replica that
+        ended a job claimed its follow-up already; one that died lets it go after `FOLLOWUP_TTL_S`)."""
+        for job_id, state in await self._db(self._db.store.followups):
+            if job_id in self._claimed:
+                continue
+            if self._lease is not None and await self._db(
+                    self._db.store.acquire_lease, self._lease.followup_key(job_id), self._lease.holder,
+                    self._lease.address, FOLLOWUP_TTL_S) is None:
+                continue
+            self._claimed.add(job_id)
+            self.post(JobEnded(job_id, state))
 
     async def _run(self) -> None:
         while True:
@@ -139,6 +154,7 @@ class JobEventWorker:
             await self._tracking.on_summary(summary)
         if isinstance(event, JobEnded):
             await self._db(self._db.store.followup_done, event.job_id)
+            self._claimed.add(event.job_id)
 
     async def _on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(store, *args)` on the reports' thread, with the reports' own store connection."""

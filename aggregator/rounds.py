@@ -19,9 +19,11 @@ import structlog
 from aggregator.blobs import BlobStore
 from aggregator.db import Db
 from aggregator.jobevents import JobEnded, JobEvent, RoundClosed
+from aggregator.leases import FOLLOWUP_TTL_S, LeaseSettings
 from aggregator.metrics import AggregatorMetrics
 from aggregator.runner import JobRunner, quorum_size, weighted
 from aggregator.store import RoundRow, UpdateRow
+from aggregator.store.leases import FencedOut
 from federation import topics
 from federation.faults import failpoint
 from federation.messages import EvalMetrics, RoundTask
@@ -55,7 +57,9 @@ class RoundTransitions:
         signer: Signer,
         metrics: AggregatorMetrics,
         post: Callable[[JobEvent], None] | None = None,
+        lease: LeaseSettings | None = None,
     ) -> None:
+        """`lease`: this replica's identity for job leases (None: no leases, a writer alone by construction)."""
         self._db = db
         self._store = db.store
         self._blobs = blobs
@@ -68,6 +72,18 @@ class RoundTransitions:
         self._ingest = asyncio.Semaphore(4)
         # Told, without waiting, that a round closed or a job ended once that is durable (reports, tracking).
         self._post = post or (lambda _event: None)
+        self._lease = lease
+
+    def lose(self, job_id: str, reason: str) -> None:
+        """Stop writing `job_id` at once: its lease is gone (another replica may be its writer now). What was
+        acknowledged is durable; what was in flight fails its fence and is retried by its sender."""
+        runner = self._runners.pop(job_id, None)
+        if runner is None:
+            return
+        if runner.timer is not None:
+            runner.timer.cancel()
+        runner.state = "lost"
+        log.warning("lease_lost", job=job_id, reason=reason)
 
     # ---------------------------------------------------------------- round transitions
     async def _maybe_start(self, runner: JobRunner) -> None:
@@ -95,7 +111,8 @@ class RoundTransitions:
     async def _open(self, runner: JobRunner, rnd: int, kind: str) -> None:
         now = time.time()
         deadline = now + runner.spec.round_deadline_s
-        await self._db(self._store.open_round, runner.job_id, rnd, kind, runner.model_sha, now, deadline)
+        await self._db(self._store.open_round, runner.job_id, rnd, kind, runner.model_sha, now, deadline,
+                       fence=runner.fence)
         runner.state = "running"
         runner.round = RoundRow(runner.job_id, rnd, kind, "open", now, deadline, None, runner.model_sha, None, 0, 0,
                                 None)
@@ -151,6 +168,8 @@ class RoundTransitions:
         it acknowledged is durable already."""
         try:
             await self._close_once(runner, r)
+        except FencedOut:
+            raise
         except Exception:
             log.exception("round_close_failed", job=runner.job_id, round=r.round, retry_in_s=CLOSE_RETRY_S)
             self._arm(runner, CLOSE_RETRY_S, self._retry_close)
@@ -181,7 +200,8 @@ class RoundTransitions:
                 failpoint("finalize_after_blob")
             now = time.time()
             await self._db(
-                self._store.close_round, runner.job_id, r.round, model_out, len(runner.reported), n_samples, loss, now
+                self._store.close_round, runner.job_id, r.round, model_out, len(runner.reported), n_samples, loss, now,
+                fence=runner.fence,
             )
             failpoint("finalize_after_commit")
             runner.round = replace(r, state="closed", closed_at=now, model_out=model_out,
@@ -215,8 +235,13 @@ class RoundTransitions:
             return
         if runner.timer is not None and runner.timer is not asyncio.current_task():
             runner.timer.cancel()
-        await self._db(self._store.set_job_state, runner.job_id, state, reason, time.time())
+        await self._db(self._store.set_job_state, runner.job_id, state, reason, time.time(), fence=runner.fence)
         runner.state = state
+        if runner.fence is not None and self._lease is not None:
+            # This replica writes the job's report too: claimed so that no other replica does it as well.
+            await self._db(self._store.acquire_lease, self._lease.followup_key(runner.job_id), self._lease.holder,
+                           self._lease.address, FOLLOWUP_TTL_S)
+            await self._db(self._store.release_lease, runner.fence)
         now = time.time()
         closed = self._sign(
             RoundTask(kind="closed", job_id=runner.job_id, round=runner.round.round if runner.round else 0,
@@ -241,7 +266,10 @@ class RoundTransitions:
             async with runner.lock:
                 runner.timer = None
                 if not runner.ended:
-                    await fn(runner)
+                    try:
+                        await fn(runner)
+                    except FencedOut as exc:
+                        self.lose(runner.job_id, str(exc))
 
         runner.timer = asyncio.create_task(fire())
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from aggregator.store import RoundRow
+from aggregator.store.leases import Fence
 from aggregator.strategies import Strategy
 from federation.jobs import JobSpec
 from federation.messages import EvalMetrics
@@ -32,12 +33,13 @@ class JobRunner:
     global_weights: Weights
     model_sha: str  # the global model's blob, as in the store's job row
     strategy: Strategy
-    state: str = "offered"  # offered | running, as in the store; the runner is dropped when the job ends
+    state: str = "offered"  # offered | running, as in the store; ended (or "lost" with the lease) when dropped
     paused: bool = False
     decisions: dict[str, str] = field(default_factory=dict)  # site -> offered | accepted | refused | stopped
     active_sites: set[str] = field(default_factory=set)  # the sites whose decision is "accepted"
     round: RoundRow | None = None  # the current round as last written
     reported: set[str] = field(default_factory=set)  # sites whose update (or evaluation) of `round` is stored
+    fence: Fence | None = None  # this replica's hold on the job's lease, checked by every write
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     timer: asyncio.Task[None] | None = None
 

@@ -14,8 +14,10 @@ from aggregator.config import AggregatorConfig
 from aggregator.console import add_console
 from aggregator.db import Db
 from aggregator.engine import RoundEngine
+from aggregator.forward import Forwarder
 from aggregator.ingress import IngressLimiter, SiteInbox
 from aggregator.jobevents import JobEventWorker
+from aggregator.leases import LeaseKeeper, LeaseSettings
 from aggregator.metrics import AggregatorMetrics
 from aggregator.sites import SiteRegistry
 from aggregator.store import open_store
@@ -41,12 +43,18 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     broker = cfg.broker if cfg.broker.tls is not None else cfg.broker.model_copy(update={"tls": cfg.tls})
     inbox = SiteInbox(IngressLimiter(cfg.mqtt_max_message_bytes, cfg.mqtt_site_rate_per_s, cfg.mqtt_site_burst),
                       sites, lambda event: engine.on_site_event(event), metrics)
-    link = MqttLink("fedsilo-aggregator", broker, inbox, subscriptions=[topics.status(), topics.events()])
+    # One MQTT session per replica (a shared client id would have the broker drop one replica for the other).
+    link = MqttLink(f"fedsilo-aggregator-{cfg.replica_id}", broker, inbox,
+                    subscriptions=[topics.status(), topics.events()])
+    lease = LeaseSettings(cfg.replica_id, cfg.advertise_url or f"https://{cfg.host}:{cfg.port}", cfg.lease_ttl_s)
 
     tracking = TrackingHub(cfg.tracking, metrics.registry, cfg.report_dir, cfg.state_url)
     # Reports and tracking follow rounds and jobs on a worker of their own, with a store connection of its own.
-    events = JobEventWorker(db, lambda: open_store(cfg.state_url), blobs, cfg.report_dir, tracking, metrics)
-    engine = RoundEngine(db, blobs, link, lambda m: sign(m, key), metrics, post=events.post)
+    events = JobEventWorker(db, lambda: open_store(cfg.state_url), blobs, cfg.report_dir, tracking, metrics,
+                            lease=lease)
+    engine = RoundEngine(db, blobs, link, lambda m: sign(m, key), metrics, post=events.post, lease=lease)
+    keeper = LeaseKeeper(db, engine, lease, events)
+    forwarder = Forwarder(cfg.tls)
     app = web.Application(client_max_size=cfg.max_upload_bytes, middlewares=[api.storage_errors])
     app[api.ENGINE], app[api.DB], app[api.BLOBS], app[api.METRICS] = engine, db, blobs, metrics
     app[api.MAX_UPLOAD] = cfg.max_upload_bytes
@@ -56,6 +64,7 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     internal: list[web.AppRunner] = []
     app[api.REJECTIONS] = api.RejectionLog()
     app[api.TOKENS] = cfg.operators
+    app[api.LEASE], app[api.FORWARDER] = lease, forwarder
     for table in (api.routes, api_operators.routes, api_sites.routes):
         app.add_routes(table)
     add_console(app)  # static files only; the page reads everything through the API above
@@ -63,8 +72,10 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     async def startup(_: web.Application) -> None:
         await link.start()
         await sites.load()
-        await events.start()  # first re-posts the follow-ups of jobs that ended before the last stop
+        await events.start()  # first takes up the follow-ups of jobs that ended before the last stop
         await engine.recover()
+        await keeper.step()  # the jobs no live replica writes (all of them for a lone replica) are resumed here
+        background.append(asyncio.create_task(keeper.run()))
         await tracking.start()  # drains records a previous run left in the outbox
         background.append(asyncio.create_task(sites.run(cfg.site_timeout_s)))
         if cfg.metrics_port is not None:
@@ -80,8 +91,9 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
         for runner in internal:
             await runner.cleanup()
         await engine.shutdown()
+        await forwarder.close()
         await sites.flush()
-        await events.close(cfg.tracking.close_timeout_s)
+        await events.close(min(1.0, cfg.tracking.close_timeout_s))  # what is left is done at the next start
         await tracking.close()
         await link.stop()
         db.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
 import yaml
@@ -13,7 +14,8 @@ from federation.models import registered_models
 from federation.privacy import calibrate_noise, epsilon_for
 from federation.schema import FeatureSchema, Frozen
 
-SiteName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9\-]{0,62}$")]
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9\-]{0,62}$")  # also an MQTT topic level and a file name: no wildcards
+SiteName = Annotated[str, Field(pattern=SITE_NAME.pattern)]
 
 
 class ModelRef(Frozen):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +18,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from federation.jobs import SITE_NAME
+
 ROLES = ("site", "aggregator", "broker", "operator")
 VALID_DAYS = 825
 # A site's name is its certificate's CN, its MQTT username (the broker ACL keys on it) and a segment of its topics,
-# and jobs list it: the pattern of `federation.jobs.SiteName`, which also keeps MQTT wildcards, `/` and spaces out.
-SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9\-]{0,62}$")
+# and jobs list it: `federation.jobs.SITE_NAME`, which also keeps MQTT wildcards, `/` and spaces out.
 
 
 class CertError(Exception):

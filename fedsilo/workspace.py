@@ -28,9 +28,10 @@ from typing import Annotated, Any
 import yaml
 from pydantic import Field, ValidationError
 
+from federation.jobs import SITE_NAME
 from federation.schema import Frozen, field_errors
 from fedsilo.broker import BrokerTLS, acl_for, mosquitto_config, run_as
-from fedsilo.certs import SITE_NAME, Pki, local_pki
+from fedsilo.certs import Pki, local_pki
 from fedsilo.errors import FedsiloError
 from fedsilo.netutil import free_port
 from fedsilo.processes import ProcessTable

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from federation.jobs import JobSpec
 
 if TYPE_CHECKING:
+    from aggregator.store.leases import Fence, Lease
     from aggregator.store.quarantine import Quarantined
 from federation.messages import EvalMetrics
 
@@ -73,10 +74,18 @@ class SiteDecision:
 
 
 class StateStore(ABC):
-    """The aggregator's durable state. Implementations must pass `tests/unit/test_store.py`."""
+    """Every write to a job's state takes the `fence` of the job's lease (`aggregator.store.leases`): with it the
+    write is refused (`FencedOut`) unless this replica still holds the lease with that token.
+
+    The aggregator's durable state. Implementations must pass `tests/unit/test_store.py`."""
 
     @abstractmethod
-    def create_job(self, job_id: str, spec: JobSpec, model_sha: str, now: float, requester: str = "") -> None: ...
+    def create_job(
+        self, job_id: str, spec: JobSpec, model_sha: str, now: float, requester: str = "",
+        lease: tuple[str, str, float] | None = None,
+    ) -> int | None:
+        """Store a new job (offered to its sites); with `lease` (holder, address, ttl) its creator also takes the
+        job's lease in the same transaction, and the fencing token is returned."""
 
     @abstractmethod
     def get_job(self, job_id: str) -> JobRow | None: ...
@@ -89,7 +98,7 @@ class StateStore(ABC):
         """How many jobs are in each state (states without a job are absent)."""
 
     @abstractmethod
-    def set_job_state(self, job_id: str, state: str, reason: str, now: float) -> None:
+    def set_job_state(self, job_id: str, state: str, reason: str, now: float, fence: Fence | None = None) -> None:
         """Move a job to `state`; an ended state (finished, failed, cancelled) also records a follow-up (report,
         tracking) in the same transaction, kept until `followup_done`."""
 
@@ -104,10 +113,10 @@ class StateStore(ABC):
     def followup_pending(self, job_id: str) -> bool: ...
 
     @abstractmethod
-    def set_paused(self, job_id: str, paused: bool, now: float) -> None: ...
+    def set_paused(self, job_id: str, paused: bool, now: float, fence: Fence | None = None) -> None: ...
 
     @abstractmethod
-    def record_decision(self, job_id: str, d: SiteDecision) -> None: ...
+    def record_decision(self, job_id: str, d: SiteDecision, fence: Fence | None = None) -> None: ...
 
     @abstractmethod
     def decisions(self, job_id: str) -> list[SiteDecision]: ...
@@ -117,7 +126,9 @@ class StateStore(ABC):
         """Whether `site` was offered job `job_id`."""
 
     @abstractmethod
-    def open_round(self, job_id: str, rnd: int, kind: str, model_in: str, now: float, deadline: float) -> None:
+    def open_round(
+        self, job_id: str, rnd: int, kind: str, model_in: str, now: float, deadline: float, fence: Fence | None = None,
+    ) -> None:
         """Start round `rnd` (idempotent) and move the job to it; the job becomes `running`."""
 
     @abstractmethod
@@ -127,7 +138,7 @@ class StateStore(ABC):
     def rounds(self, job_id: str) -> list[RoundRow]: ...
 
     @abstractmethod
-    def add_update(self, u: UpdateRow, evaluation: EvalMetrics | None) -> bool:
+    def add_update(self, u: UpdateRow, evaluation: EvalMetrics | None, fence: Fence | None = None) -> bool:
         """Insert an acknowledged update (and the evaluation it carried); False if (job, round, site) exists."""
 
     @abstractmethod
@@ -144,12 +155,14 @@ class StateStore(ABC):
     @abstractmethod
     def close_round(
         self, job_id: str, rnd: int, model_out: str | None, n_sites: int, n_samples: int,
-        train_loss: float | None, now: float,
+        train_loss: float | None, now: float, fence: Fence | None = None,
     ) -> None:
         """Close round `rnd` and record its output model as the job's global model, in one transaction."""
 
     @abstractmethod
-    def add_evaluation(self, job_id: str, version: int, site: str, m: EvalMetrics) -> bool: ...
+    def add_evaluation(
+        self, job_id: str, version: int, site: str, m: EvalMetrics, fence: Fence | None = None,
+    ) -> bool: ...
 
     @abstractmethod
     def evaluations(self, job_id: str, version: int | None = None) -> dict[int, dict[str, EvalMetrics]]:
@@ -181,10 +194,32 @@ class StateStore(ABC):
         """Each site's decision on each job offered to it, newest first, with the job's state and the ε the
         site reported with its latest update in that job (None before its first update), in `epsilon_unit`."""
 
+    # leases (aggregator.store.leases)
     @abstractmethod
-    def quarantine_active(self, now: float) -> list[Quarantined]:
-        """Move every row of a running job (and every site row) that fails `checks` to the quarantine, failing
-        its job with the reason; see `aggregator.store.quarantine`."""
+    def db_now(self) -> float: ...
+
+    @abstractmethod
+    def acquire_lease(self, job_id: str, holder: str, address: str, ttl_s: float) -> int | None: ...
+
+    @abstractmethod
+    def renew_leases(self, fences: list[Fence], ttl_s: float) -> set[str]: ...
+
+    @abstractmethod
+    def release_lease(self, fence: Fence) -> None: ...
+
+    @abstractmethod
+    def lease(self, job_id: str) -> Lease | None: ...
+
+    @abstractmethod
+    def takeable_jobs(self, holder: str) -> list[str]: ...
+
+    @abstractmethod
+    def quarantine_job(self, job_id: str, now: float, fence: Fence | None = None) -> list[Quarantined]:
+        """Move every row of a running job that fails `checks` to the quarantine, failing the job with the reason;
+        see `aggregator.store.quarantine`."""
+
+    @abstractmethod
+    def quarantine_sites(self, now: float) -> list[Quarantined]: ...
 
     @abstractmethod
     def quarantined(self, limit: int = 1000) -> list[dict[str, Any]]: ...

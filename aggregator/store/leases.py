@@ -35,6 +35,10 @@ class Fence:
 class FencedOut(RuntimeError):
     """The job's lease is held by another replica (or was taken again since): this write must not happen."""
 
+    def __init__(self, job_id: str, detail: str) -> None:
+        super().__init__(f"job {job_id}: {detail}")
+        self.job_id = job_id
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -100,13 +104,13 @@ class LeaseQueries:
         rows = self._query("SELECT * FROM leases WHERE job_id=?", (job_id,))
         return Lease(**rows[0]) if rows else None
 
-    def unleased_jobs(self) -> list[str]:
-        """Running or offered jobs whose lease is missing or expired: free for any replica to take."""
+    def takeable_jobs(self, holder: str) -> list[str]:
+        """Running or offered jobs `holder` may take: their lease is missing, expired, or its own (a restart)."""
         now = self.db_now()
         rows = self._query(
             "SELECT j.job_id FROM jobs j LEFT JOIN leases l ON l.job_id=j.job_id "
-            "WHERE j.state IN ('offered', 'running') AND (l.job_id IS NULL OR l.expires_at < ?) ORDER BY j.created_at",
-            (now,))
+            "WHERE j.state IN ('offered', 'running') AND (l.job_id IS NULL OR l.expires_at < ? OR l.holder = ?) "
+            "ORDER BY j.created_at", (now, holder))
         return [r["job_id"] for r in rows]
 
     def _fence(self, fence: Fence | None) -> None:
@@ -116,6 +120,5 @@ class LeaseQueries:
             return
         rows = self._query(f"SELECT holder, token FROM leases WHERE job_id=?{self._lock_suffix}", (fence.job_id,))
         if not rows or rows[0]["holder"] != fence.holder or int(rows[0]["token"]) != fence.token:
-            now = rows[0] if rows else None
-            raise FencedOut(f"job {fence.job_id}: lease token {fence.token} of {fence.holder} is no longer current "
-                            f"(now {now})")
+            now = f"{rows[0]['holder']} holds token {rows[0]['token']}" if rows else "no lease"
+            raise FencedOut(fence.job_id, f"lease token {fence.token} of {fence.holder} is no longer current ({now})")

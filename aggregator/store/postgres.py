@@ -10,7 +10,10 @@ from aggregator.store.sql import SCHEMA, Row, SqlStore
 
 
 class PostgresStore(SqlStore):
-    """For production (e.g. RDS): `postgresql://user:password@host:port/dbname`."""
+    """For production (e.g. RDS): `postgresql://user:password@host:port/dbname`. Several aggregator replicas may
+    share one database: leases lock their rows (`FOR UPDATE`) and expire on the database's clock."""
+
+    _lock_suffix = " FOR UPDATE"
 
     def __init__(self, url: str) -> None:
         import psycopg
@@ -18,6 +21,8 @@ class PostgresStore(SqlStore):
 
         self._db = psycopg.connect(url, autocommit=True, row_factory=dict_row)
         with self._db.transaction():
+            # Replicas starting together would race on CREATE TABLE IF NOT EXISTS: one at a time.
+            self._db.execute("SELECT pg_advisory_xact_lock(7254031)")
             self._db.execute(SCHEMA.format(serial="BIGSERIAL"))
             # Sample counts were 32-bit columns before: a round's sum over many sites must fit.
             for table, column in (("rounds", "n_samples"), ("updates", "num_samples"), ("evaluations", "n")):
@@ -41,6 +46,11 @@ class PostgresStore(SqlStore):
     def _tx(self) -> Iterator[None]:
         with self._db.transaction():
             yield
+
+    def db_now(self) -> float:
+        row = self._db.execute("SELECT extract(epoch from clock_timestamp())::float8 AS t").fetchone()
+        assert row is not None
+        return float(row["t"])
 
     def close(self) -> None:
         self._db.close()

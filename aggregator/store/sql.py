@@ -13,6 +13,7 @@ import structlog
 
 from aggregator.store import checks
 from aggregator.store.base import JobRow, RoundRow, SiteDecision, StateStore, UpdateRow
+from aggregator.store.leases import Fence, LeaseQueries
 from aggregator.store.quarantine import QuarantineQueries
 from federation.jobs import JobSpec
 from federation.messages import EvalMetrics
@@ -49,6 +50,9 @@ CREATE INDEX IF NOT EXISTS updates_by_site ON updates (job_id, site, round);
 CREATE TABLE IF NOT EXISTS followups (job_id TEXT PRIMARY KEY, state TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS sites (
   site TEXT PRIMARY KEY, state TEXT NOT NULL, at DOUBLE PRECISION NOT NULL, info TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS leases (
+  job_id TEXT PRIMARY KEY, holder TEXT NOT NULL, address TEXT NOT NULL, token BIGINT NOT NULL,
+  expires_at DOUBLE PRECISION NOT NULL);
 CREATE TABLE IF NOT EXISTS quarantine (
   id {serial} PRIMARY KEY, tbl TEXT NOT NULL, job_id TEXT, row_key TEXT NOT NULL, reason TEXT NOT NULL,
   row_json TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
@@ -59,7 +63,7 @@ _JOB_COLUMNS = "job_id, spec, state, round, model_sha, reason, created_at, updat
 Row = dict[str, Any]
 
 
-class SqlStore(QuarantineQueries, StateStore):
+class SqlStore(LeaseQueries, QuarantineQueries, StateStore):
     """The store in portable SQL (SQLite ≥ 3.24 and PostgreSQL both speak `ON CONFLICT`). Subclasses supply
     the connection, transactions and the placeholder style; every query is written once, here."""
 
@@ -79,7 +83,10 @@ class SqlStore(QuarantineQueries, StateStore):
         return rows[0] if rows else None
 
     # jobs
-    def create_job(self, job_id: str, spec: JobSpec, model_sha: str, now: float, requester: str = "") -> None:
+    def create_job(
+        self, job_id: str, spec: JobSpec, model_sha: str, now: float, requester: str = "",
+        lease: tuple[str, str, float] | None = None,
+    ) -> int | None:
         with self._tx():
             self._execute(
                 f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -88,6 +95,11 @@ class SqlStore(QuarantineQueries, StateStore):
             self._execute("INSERT INTO models VALUES (?,?,?) ON CONFLICT DO NOTHING", (model_sha, job_id, 0))
             for site in spec.sites:
                 self._execute("INSERT INTO job_sites VALUES (?,?,?,?,?,?)", (job_id, site, "offered", "[]", None, now))
+            if lease is None:
+                return None
+            holder, address, ttl_s = lease
+            self._execute("INSERT INTO leases VALUES (?,?,?,?,?)", (job_id, holder, address, 1, self.db_now() + ttl_s))
+            return 1
 
     def get_job(self, job_id: str) -> JobRow | None:
         row = self._one(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE job_id=?", (job_id,))
@@ -112,8 +124,9 @@ class SqlStore(QuarantineQueries, StateStore):
     def count_jobs(self) -> dict[str, int]:
         return {r["state"]: int(r["n"]) for r in self._query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")}
 
-    def set_job_state(self, job_id: str, state: str, reason: str, now: float) -> None:
+    def set_job_state(self, job_id: str, state: str, reason: str, now: float, fence: Fence | None = None) -> None:
         with self._tx():
+            self._fence(fence)
             self._execute(
                 "UPDATE jobs SET state=?, reason=?, updated_at=? WHERE job_id=?", (state, reason, now, job_id)
             )
@@ -130,12 +143,14 @@ class SqlStore(QuarantineQueries, StateStore):
     def followup_pending(self, job_id: str) -> bool:
         return self._one("SELECT 1 AS x FROM followups WHERE job_id=?", (job_id,)) is not None
 
-    def set_paused(self, job_id: str, paused: bool, now: float) -> None:
+    def set_paused(self, job_id: str, paused: bool, now: float, fence: Fence | None = None) -> None:
         with self._tx():
+            self._fence(fence)
             self._execute("UPDATE jobs SET paused=?, updated_at=? WHERE job_id=?", (int(paused), now, job_id))
 
-    def record_decision(self, job_id: str, d: SiteDecision) -> None:
+    def record_decision(self, job_id: str, d: SiteDecision, fence: Fence | None = None) -> None:
         with self._tx():
+            self._fence(fence)
             self._execute(
                 "INSERT INTO job_sites VALUES (?,?,?,?,?,?) ON CONFLICT (job_id, site) DO UPDATE SET "
                 "decision=excluded.decision, reasons=excluded.reasons, epsilon_planned=excluded.epsilon_planned, "
@@ -155,8 +170,11 @@ class SqlStore(QuarantineQueries, StateStore):
         ]
 
     # rounds
-    def open_round(self, job_id: str, rnd: int, kind: str, model_in: str, now: float, deadline: float) -> None:
+    def open_round(
+        self, job_id: str, rnd: int, kind: str, model_in: str, now: float, deadline: float, fence: Fence | None = None,
+    ) -> None:
         with self._tx():
+            self._fence(fence)
             self._execute(
                 "INSERT INTO rounds (job_id, round, kind, state, started_at, deadline, model_in)"
                 " VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
@@ -173,8 +191,9 @@ class SqlStore(QuarantineQueries, StateStore):
         rows = self._query("SELECT * FROM rounds WHERE job_id=? ORDER BY round", (job_id,))
         return [RoundRow(**r) for r in _good(rows, checks.round_, "rounds")]
 
-    def add_update(self, u: UpdateRow, evaluation: EvalMetrics | None) -> bool:
+    def add_update(self, u: UpdateRow, evaluation: EvalMetrics | None, fence: Fence | None = None) -> bool:
         with self._tx():
+            self._fence(fence)
             added = self._execute(
                 "INSERT INTO updates VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
                 (u.job_id, u.round, u.site, u.sha256, u.num_samples, u.train_loss, u.epsilon, u.received_at,
@@ -212,9 +231,10 @@ class SqlStore(QuarantineQueries, StateStore):
 
     def close_round(
         self, job_id: str, rnd: int, model_out: str | None, n_sites: int, n_samples: int,
-        train_loss: float | None, now: float,
+        train_loss: float | None, now: float, fence: Fence | None = None,
     ) -> None:
         with self._tx():
+            self._fence(fence)
             closed = self._execute(
                 "UPDATE rounds SET state='closed', closed_at=?, model_out=?, n_sites=?, n_samples=?, train_loss=?"
                 " WHERE job_id=? AND round=? AND state='open'",
@@ -224,8 +244,11 @@ class SqlStore(QuarantineQueries, StateStore):
                 self._execute("INSERT INTO models VALUES (?,?,?) ON CONFLICT DO NOTHING", (model_out, job_id, rnd))
                 self._execute("UPDATE jobs SET model_sha=?, updated_at=? WHERE job_id=?", (model_out, now, job_id))
 
-    def add_evaluation(self, job_id: str, version: int, site: str, m: EvalMetrics) -> bool:
+    def add_evaluation(
+        self, job_id: str, version: int, site: str, m: EvalMetrics, fence: Fence | None = None,
+    ) -> bool:
         with self._tx():
+            self._fence(fence)
             return self._insert_eval(job_id, version, site, m)
 
     def _insert_eval(self, job_id: str, version: int, site: str, m: EvalMetrics) -> bool:

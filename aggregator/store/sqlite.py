@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,9 @@ class SQLiteStore(SqlStore):
             self._db.execute("ROLLBACK")
             raise
         self._db.execute("COMMIT")
+
+    def db_now(self) -> float:
+        return time.time()  # one process, one clock
 
     def close(self) -> None:
         self._db.close()

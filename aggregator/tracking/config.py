@@ -58,7 +58,7 @@ class TrackingConfig(Frozen):
     # Records handed to a sink per delivery.
     batch_size: int = Field(default=200, ge=1, le=10_000)
     # On shutdown, how long one last flush may take before the rest waits in the outbox for the next start.
-    close_timeout_s: float = Field(default=5.0, ge=0, le=600)
+    close_timeout_s: float = Field(default=1.0, ge=0, le=600)
 
     @property
     def experiment_prefix(self) -> str | None:

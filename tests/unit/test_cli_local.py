@@ -13,8 +13,7 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
-from federation.jobs import JobSpec, SiteName
-from fedsilo.certs import SITE_NAME
+from federation.jobs import SITE_NAME, JobSpec, SiteName
 from fedsilo.cli import main
 from fedsilo.datasets import write_clinics
 from fedsilo.localinit import MIN_COHORT, POLICY_LIMITS, site_policy

@@ -141,7 +141,8 @@ def test_rows_that_fail_their_checks_are_quarantined_and_never_stop_a_reader(sto
     assert [s["site"] for s in store.sites()] == ["cleveland"]
     assert [j.job_id for j in store.list_jobs()] == ["job-a", "job-b"]
 
-    moved = store.quarantine_active(10.0)
+    moved = [q for job in ("job-a", "job-b", "job-c") for q in store.quarantine_job(job, 10.0)]
+    moved += store.quarantine_sites(10.0)
     assert {(q.table, q.key) for q in moved} == {
         ("updates", "job-a/1/hungary"), ("evaluations", "job-b/0/hungary"), ("jobs", "job-c"),
         ("sites", "mallory"), ("sites", "eve")}
@@ -149,5 +150,39 @@ def test_rows_that_fail_their_checks_are_quarantined_and_never_stop_a_reader(sto
     assert all(store.get_job(j).state == "failed" for j in ("job-a", "job-b"))  # type: ignore[union-attr]
     assert "num_samples" in store.get_job("job-a").reason  # type: ignore[union-attr]
     assert dict(store.followups()).keys() == {"job-a", "job-b"}
-    assert store.quarantine_active(11.0) == []  # nothing left to move
+    assert store.quarantine_job("job-a", 11.0) == store.quarantine_sites(11.0) == []  # nothing left to move
     assert store.count_jobs() == {"failed": 3}
+
+
+def test_one_writer_per_job_the_lease_and_its_fence(store: StateStore, spec: JobSpec) -> None:
+    from aggregator.store.leases import Fence, FencedOut
+
+    token = store.create_job("job-a", spec, SHA0, 1.0, lease=("replica-a", "https://a:8443", 0.5))
+    assert token == 1
+    a = Fence("job-a", "replica-a", 1)
+    store.open_round("job-a", 1, "train", SHA0, 1.0, 61.0, fence=a)
+    assert store.acquire_lease("job-a", "replica-b", "https://b:8443", 0.5) is None  # held, not expired
+    assert store.takeable_jobs("replica-b") == []
+    assert store.renew_leases([a], 0.2) == {"job-a"}
+    lease = store.lease("job-a")
+    assert lease is not None and (lease.holder, lease.address, lease.token) == ("replica-a", "https://a:8443", 1)
+    wait_until = store.db_now() + 0.3
+    while store.db_now() < wait_until:  # replica-a goes silent past its lease
+        pass
+    assert store.takeable_jobs("replica-b") == ["job-a"]
+    assert store.acquire_lease("job-a", "replica-b", "https://b:8443", 5.0) == 2
+    b = Fence("job-a", "replica-b", 2)
+    # replica-a wakes up: its renewal and its late writes are refused, nothing of them lands.
+    assert store.renew_leases([a], 5.0) == set()
+    with pytest.raises(FencedOut):
+        store.add_update(UpdateRow("job-a", 1, "cleveland", SHA1, 200, 0.5, 1.5, 2.0), None, fence=a)
+    with pytest.raises(FencedOut):
+        store.set_job_state("job-a", "failed", "stale writer", 3.0, fence=a)
+    assert store.updates("job-a", 1) == [] and store.get_job("job-a").state == "running"  # type: ignore[union-attr]
+    assert store.add_update(UpdateRow("job-a", 1, "cleveland", SHA1, 200, 0.5, 1.5, 2.0), None, fence=b)
+    # The same replica taking its own lease again (a restart) gets a new token: its former self is fenced too.
+    assert store.acquire_lease("job-a", "replica-b", "https://b:8443", 5.0) == 3
+    with pytest.raises(FencedOut):
+        store.set_paused("job-a", True, 4.0, fence=b)
+    store.release_lease(Fence("job-a", "replica-b", 3))
+    assert store.lease("job-a") is None
