@@ -198,9 +198,19 @@ class RoundEngine(RoundTransitions):
         return runner
 
     async def shutdown(self) -> None:
+        """Stop writing, and hand each job's lease over: on a rolling update the other replicas take the jobs at
+        their next look (a quarter of the TTL) rather than after the lease's TTL."""
         for r in self._runners.values():
             if r.timer is not None:
                 r.timer.cancel()
+        for job_id, r in list(self._runners.items()):
+            async with r.lock:  # a write in flight finishes first
+                self.lose(job_id, "this replica is shutting down")
+            if r.fence is not None:
+                try:
+                    await self._db(self._store.hand_over_lease, r.fence)
+                except Exception:  # the lease then simply expires after its TTL
+                    log.warning("lease_hand_over_failed", job=job_id, exc_info=True)
 
     # ---------------------------------------------------------------- site messages
     async def on_site_event(self, event: SiteEvent) -> None:

@@ -208,6 +208,9 @@ class StateStore(ABC):
     def release_lease(self, fence: Fence) -> None: ...
 
     @abstractmethod
+    def hand_over_lease(self, fence: Fence) -> None: ...
+
+    @abstractmethod
     def lease(self, job_id: str) -> Lease | None: ...
 
     @abstractmethod

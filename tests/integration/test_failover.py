@@ -242,6 +242,30 @@ def test_the_writer_killed_again_and_again_loses_nothing(cluster: Cluster) -> No
             cluster.start_replica(port)
 
 
+def test_a_writer_stopped_by_sigterm_hands_its_job_over(cluster: Cluster) -> None:
+    """A rolling update: the writer is told to stop. It finishes what is in flight, then lets its lease expire at
+    once (the token kept), so the other replica takes the job at its next look rather than after the TTL."""
+    job_id = cluster.submit(8)
+    wait_for(lambda: cluster.holder(job_id) is not None and cluster.current_round(job_id) >= 2, 60, "round 2")
+    cluster.fed.client.pause(job_id)
+    rid, token = cluster.holder(job_id)  # type: ignore[misc]
+    proc, port = cluster.replicas.pop(rid)
+    t0 = time.time()
+    proc.terminate()
+    assert proc.wait(timeout=30) == 0
+    rows = cluster.query("SELECT holder, token, expires_at FROM leases WHERE job_id=%s", job_id)
+    handed_over = rows[0][1] > token or (rows[0][0] == rid and float(rows[0][2]) == 0.0)
+    assert handed_over, rows  # expired by the stopping replica (or already taken by the other one)
+    wait_for(partial(taken_over, cluster, job_id, token), 30, "the other replica's lease")
+    print(f"\nSIGTERM of the writer → lease taken by the other replica in {time.time() - t0:.2f} s "
+          f"(lease_ttl_s {LEASE_TTL_S})")
+    cluster.fed.client.resume(job_id)
+    summary = cluster.fed.wait_job(job_id, timeout=120)
+    assert summary["state"] == "finished", summary["reason"]
+    cluster.replay(job_id, 8)
+    cluster.start_replica(port)
+
+
 def test_a_frozen_writer_wakes_to_a_fence(cluster: Cluster) -> None:
     """Split brain: the writer freezes mid-upload (every check passed, the update's row about to be committed) past
     its lease, the other replica takes the job over, the frozen one wakes: its commit is refused by the fence and

@@ -184,5 +184,9 @@ def test_one_writer_per_job_the_lease_and_its_fence(store: StateStore, spec: Job
     assert store.acquire_lease("job-a", "replica-b", "https://b:8443", 5.0) == 3
     with pytest.raises(FencedOut):
         store.set_paused("job-a", True, 4.0, fence=b)
-    store.release_lease(Fence("job-a", "replica-b", 3))
+    # A replica shutting down hands its lease over: takeable at once by another, whose token is still larger.
+    store.hand_over_lease(Fence("job-a", "replica-b", 3))
+    assert store.takeable_jobs("replica-c") == ["job-a"]
+    assert store.acquire_lease("job-a", "replica-c", "https://c:8443", 5.0) == 4
+    store.release_lease(Fence("job-a", "replica-c", 4))
     assert store.lease("job-a") is None
