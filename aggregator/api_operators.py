@@ -15,6 +15,7 @@ from aggregator.api import (
     DB,
     ENGINE,
     MAX_PARAMS,
+    MAX_PUBLISH,
     OPERATOR,
     at_writer,
     error,
@@ -57,6 +58,10 @@ async def submit_job(request: web.Request) -> web.Response:
     if n > request.app[MAX_PARAMS]:
         return error(400, "model_too_large", f"the model has {n:,} parameters; this aggregator takes at most "
                                              f"{request.app[MAX_PARAMS]:,} (max_model_parameters)")
+    size = request.app[ENGINE].offer_bytes(spec, request[OPERATOR].name)
+    if size > request.app[MAX_PUBLISH]:  # the broker would drop it without telling anyone: the job would hang
+        return error(400, "offer_too_large", f"the signed job offer is {size:,} bytes; the broker takes at most "
+                                             f"{request.app[MAX_PUBLISH]:,} (mqtt_max_publish_bytes)")
     job_id = await request.app[ENGINE].submit(spec, requester=request[OPERATOR].name)
     return json_response({"job_id": job_id, "state": "offered"}, status=201)
 

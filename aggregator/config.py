@@ -52,6 +52,11 @@ class AggregatorConfig(Frozen):
     # `mqtt_site_burst` messages refilled at `mqtt_site_rate_per_s`. Beyond, messages are dropped and counted
     # (`fedsilo_site_messages_rejected`). An agent sends a heartbeat every few seconds and one answer per job.
     mqtt_max_message_bytes: int = Field(default=16_384, ge=1024, le=1 << 20)
+    # The largest message the aggregator publishes (a signed job offer carries the whole job: its site list, its
+    # features, a prior). A job whose offer is larger is refused at submit (`offer_too_large`), because the broker's
+    # `message_size_limit` must be at least this (the Helm chart and `fedsilo broker config` set it to this value)
+    # and Mosquitto drops a larger message without telling its sender.
+    mqtt_max_publish_bytes: int = Field(default=262_144, ge=16_384, le=16 << 20)
     mqtt_site_rate_per_s: float = Field(default=2.0, gt=0, le=1000)
     mqtt_site_burst: int = Field(default=20, ge=1, le=10_000)
     # Serve /metrics on a listener of its own (plain HTTP, e.g. only inside the cluster) instead of the HTTPS API's

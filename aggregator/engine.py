@@ -55,6 +55,13 @@ class RoundEngine(RoundTransitions):
         await self._refresh_job_gauge()
         return job_id
 
+    def offer_bytes(self, spec: JobSpec, requester: str) -> int:
+        """The size of the signed offer `spec` would be published as."""
+        now = time.time()
+        probe = JobOffer(job_id=new_job_id(spec.name), spec=spec, requester=requester, issued_at=now,
+                         expires_at=now + spec.accept_deadline_s, nonce=nonce())
+        return len(self._sign(probe))
+
     def _offer(self, runner: JobRunner, requester: str, created_at: float, sites: list[str]) -> None:
         """Publish the signed offer (retained) to each site; it expires at the job's accept deadline."""
         spec = runner.spec

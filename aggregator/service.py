@@ -60,6 +60,7 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     app[api.MAX_UPLOAD] = cfg.max_upload_bytes
     app[api.BODY_TIMEOUT] = cfg.http_body_timeout_s
     app[api.MAX_PARAMS] = cfg.max_model_parameters
+    app[api.MAX_PUBLISH] = cfg.mqtt_max_publish_bytes
     app[api.METRICS_ELSEWHERE] = cfg.metrics_port is not None
     internal: list[web.AppRunner] = []
     app[api.REJECTIONS] = api.RejectionLog()

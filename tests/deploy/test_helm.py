@@ -210,7 +210,7 @@ def test_aggregator_chart(values: Path, tmp_path: Path) -> None:
         conf = broker["mosquitto.conf"]
         for line in ("require_certificate true", "use_identity_as_username true", "allow_anonymous false",
                      "acl_file /mosquitto/config/acl", f"listener {config.broker.port} 0.0.0.0",
-                     f"message_size_limit {config.mqtt_max_message_bytes}"):
+                     f"message_size_limit {config.mqtt_max_publish_bytes}"):
             assert line in conf.splitlines()
         assert config.broker.host == "fedsilo-mosquitto"
         one(docs, "Service", "fedsilo-mosquitto")

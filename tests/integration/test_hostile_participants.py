@@ -229,6 +229,15 @@ def test_a_model_too_large_is_refused_before_anything_is_built(fed: LocalFederat
     print(f"\na 67M-parameter job refused; aggregator RSS {rss0:.0f} → {rss_mb(pid):.0f} MB")
 
 
+def test_a_job_whose_offer_the_broker_would_drop_is_refused_at_submit(fed: LocalFederation) -> None:
+    """Mosquitto drops a message over its message_size_limit without telling the sender: such a job would wait
+    for answers that never come. It is refused at once instead, with the sizes."""
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data.update(sites=["cleveland"], min_sites=1, tags={"note": "x" * 300_000})
+    with pytest.raises(Exception, match="offer_too_large"):
+        fed.client.submit(yaml.safe_dump(data))
+
+
 def test_every_api_answer_is_strict_json(fed: LocalFederation, job: str) -> None:
     for path in ("/api/v1/jobs", f"/api/v1/jobs/{job}", f"/api/v1/jobs/{job}?sites=none", "/api/v1/sites",
                  "/api/v1/rejections", "/api/v1/decisions", "/api/v1/quarantine", "/api/v1/me", "/healthz",

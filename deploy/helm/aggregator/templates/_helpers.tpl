@@ -116,15 +116,15 @@ log_type error
 log_type warning
 log_type notice
 max_queued_messages 10000
-# The largest payload the broker accepts, from anyone: the aggregator's mqtt_max_message_bytes (one value,
-# aggregator.mqttMaxMessageBytes), so a site's oversized status or event stops at the broker instead of
-# reaching every aggregator replica and being dropped there. A larger one is dropped without a word (for
-# MQTT 3.1.1 QoS 1, Mosquitto still acknowledges it), and the limit applies to the aggregator's own publishes
-# too: a job offer carries the job's spec (about 2 KB for four sites, 30 KB for 1,000 sites with 24-character
-# names), so raise mqttMaxMessageBytes for jobs with hundreds of sites or a large `prior`. (Mosquitto suggests
-# max_packet_size instead; that one disconnects the sender, and the aggregator would then send a too-large
-# offer again on every reconnect.)
-message_size_limit {{ .Values.aggregator.mqttMaxMessageBytes | int64 }}
+# The largest payload the broker accepts, from anyone: the aggregator's mqtt_max_publish_bytes (one value,
+# aggregator.mqttMaxPublishBytes, 256 KiB). The limit applies to every client, the aggregator's own publishes
+# included: a job offer carries the job's spec (about 2 KB for four sites, 30 KB for 1,000 sites with
+# 24-character names), and a job whose signed offer would exceed it is refused at submit, since Mosquitto drops
+# a larger message without a word (for MQTT 3.1.1 QoS 1 it still acknowledges it). A site's own messages are
+# held to the much smaller mqtt_max_message_bytes by the aggregator, which drops and counts larger ones.
+# (Mosquitto suggests max_packet_size instead; that one disconnects the sender, and the aggregator would then
+# send a too-large offer again on every reconnect.)
+message_size_limit {{ .Values.aggregator.mqttMaxPublishBytes | int64 }}
 # Each aggregator replica's client id follows its pod's name: without this, every replaced pod would leave
 # a persistent session behind that queues every site's status and events forever.
 persistent_client_expiration {{ .Values.mosquitto.persistentClientExpiration }}
