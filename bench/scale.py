@@ -1,5 +1,5 @@
 """How far one aggregator goes: N simulated sites upload privatized updates of a P-parameter model to a real
-aggregator process (mTLS on loopback, SQLite state, blobs on disk) and we measure what it sustains.
+aggregator process (mTLS on loopback, SQLite state, blobs on disk or in S3) and we measure what it sustains.
 
 Per configuration: updates/s and MB/s ingested in a steady round (the second; the first pays the TLS handshakes),
 the round's finalize time (last update acknowledged → next model committed), the aggregator's peak RSS, and how
@@ -11,12 +11,18 @@ observed time per update to that floor is the share left to Python, HTTP and TLS
 
     python -m bench scale                       # the default matrix
     python -m bench scale --sites 100 --params 1e6
+    python -m bench scale --blobs both --sites 100 --params 1e4 --params 1e6   # files and S3 side by side
+
+With `--blobs s3` the aggregator keeps its blobs in S3 (`blob_url: s3://...`, SSE-KMS) on a moto server process on
+loopback, as the tests run it: the cost of S3's client (botocore, SigV4, HTTP, the sha256 check on every read) next
+to fsynced files, not AWS's network latency (docs/blobs.md). Needs the test extras (moto).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import sqlite3
@@ -24,6 +30,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +99,7 @@ class Result:
     observed_ms: float  # wall time per update ingested
     cpu_ms: float  # the aggregator's CPU time per update in round 2 (ingest and finalize)
     cancel_s: float  # the operator's cancel of the running job, request to answer
+    blobs: str = "files"  # where the aggregator keeps blobs: files (fsynced) or s3 (moto on loopback)
 
 
 def accept_all(fed: LocalFederation, job_id: str, sites: list[str]) -> None:
@@ -220,7 +228,27 @@ async def client_sessions(fed: LocalFederation, sites: list[str], keepalive: boo
     return sessions
 
 
-def run_one(n_sites: int, params: int, concurrency: int, keepalive: bool = True) -> Result:
+S3_BUCKET = "fedsilo-bench-scale"
+
+
+@contextlib.contextmanager
+def blob_settings(kind: str, root: Path) -> Iterator[dict[str, Any]]:
+    """The aggregator's blob settings for `kind` ("files": its default; "s3": a bucket on a moto server)."""
+    if kind == "files":
+        yield {}
+        return
+    import boto3
+
+    from bench.blobs import moto_s3
+
+    with moto_s3(root) as (url, key):
+        boto3.client("s3", endpoint_url=url).create_bucket(
+            Bucket=S3_BUCKET, CreateBucketConfiguration={"LocationConstraint": os.environ["AWS_DEFAULT_REGION"]})
+        yield {"blob_url": f"s3://{S3_BUCKET}/aggregator",
+               "blob_s3": {"endpoint_url": url, "kms_key_id": key, "addressing_style": "path"}}
+
+
+def run_one(n_sites: int, params: int, concurrency: int, keepalive: bool = True, blobs: str = "files") -> Result:
     sites = [f"sim-{i:04d}" for i in range(n_sites)]
     hidden = hidden_for(params)
     spec = JobSpec.model_validate(job_for(sites, hidden))
@@ -228,7 +256,9 @@ def run_one(n_sites: int, params: int, concurrency: int, keepalive: bool = True)
     n_params = sum(v.size for v in template.values())
     with tempfile.TemporaryDirectory(prefix="fedsilo-scale-") as tmp:
         root = Path(tmp)
-        with LocalFederation(root, {}, extra_identities=tuple(sites), log_level="WARNING") as fed:
+        with blob_settings(blobs, root) as extra, \
+                LocalFederation(root, {}, extra_identities=tuple(sites), log_level="WARNING",
+                                aggregator_extra=extra) as fed:
             assert fed.aggregator is not None
             pid = fed.aggregator.pid
             stages = {"started": rss_mb(pid)}
@@ -268,19 +298,21 @@ def run_one(n_sites: int, params: int, concurrency: int, keepalive: bool = True)
     rate = (n_sites - 1) / span
     return Result(sites=n_sites, params=n_params, update_mb=update_mb, updates_per_s=rate,
                   mb_per_s=rate * update_mb, finalize_s=closed - last, peak_rss_mb=rss, floor_ms=floor,
-                  observed_ms=1000 / rate, cpu_ms=(cpu[3] - cpu[2]) * 1000 / n_sites, cancel_s=cancel_s)
+                  observed_ms=1000 / rate, cpu_ms=(cpu[3] - cpu[2]) * 1000 / n_sites, cancel_s=cancel_s, blobs=blobs)
 
 
 def print_table(results: list[Result]) -> None:
-    print(f"\nfedsilo scale benchmark — one aggregator process, mTLS on loopback, SQLite + files, "
-          f"{os.cpu_count()} CPUs (clients on the same machine)")
-    head = (f"{'sites':>6} {'params':>11} {'update MB':>9} {'updates/s':>10} {'MB/s':>7} {'finalize s':>10} "
+    print(f"\nfedsilo scale benchmark — one aggregator process, mTLS on loopback, SQLite state, "
+          f"{os.cpu_count()} CPUs (clients on the same machine; the floor is timed with fsynced files)")
+    head = (f"{'blobs':>5} {'sites':>6} {'params':>11} {'update MB':>9} {'updates/s':>10} {'MB/s':>7} "
+            f"{'finalize s':>10} "
             f"{'peak RSS MB':>11} {'floor ms/upd':>12} {'observed ms/upd':>15} {'overhead':>8} {'CPU ms/upd':>10} "
             f"{'cancel s':>8}")
     print(head)
     print("-" * len(head))
     for r in results:
-        print(f"{r.sites:>6} {r.params:>11,} {r.update_mb:>9.2f} {r.updates_per_s:>10.1f} {r.mb_per_s:>7.1f} "
+        print(f"{r.blobs:>5} {r.sites:>6} {r.params:>11,} {r.update_mb:>9.2f} {r.updates_per_s:>10.1f} "
+              f"{r.mb_per_s:>7.1f} "
               f"{r.finalize_s:>10.3f} {r.peak_rss_mb:>11.0f} {r.floor_ms:>12.2f} {r.observed_ms:>15.2f} "
               f"{r.observed_ms / r.floor_ms:>7.1f}× {r.cpu_ms:>10.2f} {r.cancel_s:>8.3f}")
 
@@ -291,14 +323,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", type=float, action="append", help="model parameters, e.g. 1e6 (repeatable)")
     parser.add_argument("--concurrency", type=int, default=8, help="uploads in flight at once")
     parser.add_argument("--no-keepalive", action="store_true", help="a new TLS connection for every upload")
+    parser.add_argument("--blobs", choices=("files", "s3", "both"), default="files",
+                        help="the aggregator's blob store: files on disk, S3 on a moto server, or both in turn")
     args = parser.parse_args(argv)
     matrix = DEFAULT
     if args.sites or args.params:
         matrix = [(s, int(p)) for p in (args.params or [1e4]) for s in (args.sites or [100])]
     results = []
+    stores = ("files", "s3") if args.blobs == "both" else (args.blobs,)
     for n_sites, params in matrix:
-        print(f"running {n_sites} sites × {params:,} parameters ...", flush=True)
-        results.append(run_one(n_sites, params, args.concurrency, keepalive=not args.no_keepalive))
+        for store in stores:
+            print(f"running {n_sites} sites × {params:,} parameters, blobs in {store} ...", flush=True)
+            results.append(run_one(n_sites, params, args.concurrency, keepalive=not args.no_keepalive, blobs=store))
     print_table(results)
 
 

@@ -40,7 +40,9 @@ def container(docs: list[dict[str, Any]], deployment: str, name: str) -> dict[st
 def assert_hardened(deployment: dict[str, Any], replicas: int = 1) -> None:
     spec = deployment["spec"]
     assert spec["replicas"] == replicas
-    if replicas == 1:  # a ReadWriteOnce volume, or a singleton: the old pod stops before the new one starts
+    if deployment["kind"] == "StatefulSet":  # one pod at a time by construction: it stops before its successor
+        assert spec["podManagementPolicy"] == "OrderedReady" and spec["serviceName"]
+    elif replicas == 1:  # a ReadWriteOnce volume, or a singleton: the old pod stops before the new one starts
         assert spec["strategy"]["type"] == "Recreate"
     else:  # no volume to hand over: a rollout adds a replica before it removes one
         assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
@@ -214,7 +216,7 @@ def test_aggregator_chart(values: Path, tmp_path: Path) -> None:
             assert line in conf.splitlines()
         assert config.broker.host == "fedsilo-mosquitto"
         one(docs, "Service", "fedsilo-mosquitto")
-        assert_hardened(one(docs, "Deployment", "fedsilo-mosquitto"))
+        assert_hardened(one(docs, "StatefulSet", "fedsilo-mosquitto"))
     else:
         assert config.broker.host == given["broker"]["host"]
         assert not [d for d in docs if "mosquitto" in d["metadata"]["name"]]

@@ -14,9 +14,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_scale_benchmark_runs_to_its_table() -> None:
-    out = subprocess.run([sys.executable, "-m", "bench", "scale", "--sites", "5", "--params", "1000"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=180)
+    out = subprocess.run([sys.executable, "-m", "bench", "scale", "--sites", "5", "--params", "1000", "--blobs",
+                          "both"], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
-    [row] = [line.split() for line in out.stdout.splitlines() if line.split()[:2] == ["5", "1,000"]]
-    assert len(row) == 12  # every column, the cancel latency included
-    assert float(row[3]) > 0 and float(row[-1]) >= 0
+    rows = [line.split() for line in out.stdout.splitlines() if line.split()[1:3] == ["5", "1,000"]]
+    assert [r[0] for r in rows] == ["files", "s3"]  # blobs on disk, then in S3 (moto)
+    for row in rows:
+        assert len(row) == 13  # every column, the cancel latency included
+        assert float(row[4]) > 0 and float(row[-1]) >= 0
