@@ -69,8 +69,18 @@ class AggregatorConfig(Frozen):
     # A replica that has not renewed a job's lease for this long loses the job to another replica (see
     # aggregator/leases.py): the takeover time after a crash is about this plus a quarter of it.
     lease_ttl_s: float = Field(default=3.0, gt=0.2, le=300)
-    # Operator bearer tokens (sha256 only) for the console and scripts; operator certificates also work.
+    # The federation CA's certificate revocation list (`fedsilo certs revoke` writes it as crl.pem in the PKI
+    # directory). A client certificate whose serial it lists is refused (403 certificate_revoked) on every request;
+    # the file is re-read when it changes, without a restart. It must be signed by the CA in `tls.ca_file`.
+    # None: no certificate is checked for revocation.
+    crl_file: Path | None = None
+    # Operator bearer tokens (sha256 only) for the console and scripts; operator certificates also work. These are
+    # read once, at start: tokens that must be revoked or expire without a restart belong in `operators_file`.
     operators: tuple[OperatorToken, ...] = ()
+    # A YAML file of more tokens (`operators: [{name, role, token_sha256, expires_at, revoked}]`, as
+    # `fedsilo operator token --file` writes it), re-read whenever it changes: a token added, revoked, expired or
+    # removed there is honoured on the next request. None: only `operators`.
+    operators_file: Path | None = None
     # On SIGTERM, how long requests in flight may take to finish before their connections are closed. An update
     # cut off is not acknowledged, so its agent sends it again; an acknowledged one is already durable.
     shutdown_grace_s: float = Field(default=1.0, ge=0, le=60)
