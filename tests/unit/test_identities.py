@@ -255,7 +255,12 @@ def test_revocation_list_reads_the_file_only_when_it_changes(pki: Pki, monkeypat
     crl.load()
     reads: list[Path] = []
     real = Path.read_bytes
-    monkeypatch.setattr(Path, "read_bytes", lambda self: (reads.append(self), real(self))[1])
+
+    def counted(self: Path) -> bytes:
+        reads.append(self)
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counted)
     for _ in range(1000):
         crl.revoked(1)
     assert reads == []
