@@ -183,7 +183,7 @@ def test_the_broker_drops_a_message_over_its_size_limit(broker: MosquittoBroker)
         return c
 
     sub = client("sub")
-    sub.on_message = lambda _c, _u, m: got.append(m.payload)
+    sub.on_message = lambda _c, _u, m: got.append(bytes(m.payload))
     sub.on_subscribe = lambda *_: subscribed.set()
     sub.subscribe("t/#", qos=1)
     assert subscribed.wait(5)
