@@ -136,7 +136,10 @@ class RevocationList:
         transport = request.transport
         cert = transport.get_extra_info("peercert") if transport is not None else None
         serial = cert.get("serialNumber") if cert else None
-        if not isinstance(serial, str) or not self.revoked(int(serial, 16)):
+        try:
+            if not isinstance(serial, str) or not self.revoked(int(serial, 16)):
+                return None
+        except ValueError:  # never from a certificate OpenSSL verified; not worth a 500 either
             return None
         who = certificate_identity(request)
         name, role = (who.name, who.role) if who is not None else ("unknown", "other")

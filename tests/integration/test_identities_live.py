@@ -16,17 +16,21 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
 from click.testing import CliRunner
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.auth import OperatorToken, load_operators_file, write_operators_file
 from federation.messages import update_path
 from federation.transport import TLSConfig
-from fedsilo.broker import MESSAGE_SIZE_LIMIT, MosquittoBroker
+from fedsilo.broker import MESSAGE_SIZE_LIMIT, BrokerTLS, MosquittoBroker
+from fedsilo.certs import Pki
 from fedsilo.cli import main
 from fedsilo.local import LocalFederation
 from tests.integration.test_broker_config import connects
@@ -202,3 +206,26 @@ def test_the_broker_drops_a_message_over_its_size_limit(broker: MosquittoBroker)
         for c in (pub, sub):
             c.disconnect()
             c.loop_stop()
+
+
+def test_mosquitto_refuses_everyone_once_the_crl_is_past_its_next_update(tmp_path: Path) -> None:
+    """Why `fedsilo certs crl` must re-sign the CRL before its next-update time (docs/identities.md)."""
+    pki = Pki(tmp_path / "pki")
+    pki.init()
+    issued, north = pki.issue("broker", "broker"), pki.issue("site", "north")
+    site = TLSConfig(ca_file=pki.ca_cert, cert_file=north.cert, key_file=north.key)
+    broker = MosquittoBroker(tmp_path / "broker", tls=BrokerTLS(pki.ca_cert, issued.cert, issued.key,
+                                                                crlfile=pki.crl))
+    with broker:
+        assert connects(broker.port, site)
+    ca_key, ca_cert = pki._ca()
+    now = dt.datetime.now(dt.UTC)
+    stale = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+             .last_update(now - dt.timedelta(days=2)).next_update(now - dt.timedelta(days=1))
+             .sign(ca_key, hashes.SHA256()))
+    pki.crl.write_bytes(stale.public_bytes(serialization.Encoding.PEM))
+    with broker:
+        assert not connects(broker.port, site)
+    pki.write_crl()
+    with broker:
+        assert connects(broker.port, site)
