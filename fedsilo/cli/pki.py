@@ -1,4 +1,4 @@
-"""`fedsilo certs ...` and `fedsilo operator token`: the federation's identities."""
+"""`fedsilo certs ...` (certificates, revocation) and `fedsilo operator token|revoke`: the federation's identities."""
 
 from __future__ import annotations
 
