@@ -85,6 +85,7 @@ async def storage_errors(request: web.Request, handler: Handler) -> web.StreamRe
         log.error("unreadable_row", path=request.path, error=str(exc)[:500])
         return error(500, "unreadable_state", str(exc)[:500])
     except FencedOut as exc:  # this replica lost the job's lease mid-request: its new writer takes the retry
+        log.warning("write_refused_by_fence", job=exc.job_id, path=request.path, reason=str(exc))
         request.app[ENGINE].lose(exc.job_id, str(exc))
         response = error(503, "writer_changed", "this job's writer changed while the request ran; retry")
         response.headers["Retry-After"] = "1"

@@ -268,6 +268,7 @@ class RoundEngine(RoundTransitions):
                 env.job_id, env.round, site, env.sha256, env.num_samples, env.train_loss, env.epsilon, time.time(),
                 env.share_tracking, tuple(spend.items()),
             )
+            failpoint("ingest_before_commit")
             await self._db(self._store.add_update, row, env.evaluation, fence=runner.fence)
             failpoint("ingest_after_commit")
             runner.strategy.add(update, env.num_samples)
@@ -304,6 +305,8 @@ class RoundEngine(RoundTransitions):
             job = await self._db(self._store.get_job, job_id)
             if job is None:
                 raise Rejection("unknown_job", f"no job {job_id!r}", 404)
+            if job.state in ACTIVE:  # another replica writes it now (or will, once its lease is taken): retry
+                raise Rejection("writer_changed", f"job {job_id} is written by another replica now; retry", 503)
             raise Rejection("job_not_running", f"job {job_id} is {job.state}", 409)
         if site not in runner.active_sites:
             raise Rejection("site_not_in_job", f"site {site!r} has not accepted job {job_id}", 403)
@@ -312,6 +315,8 @@ class RoundEngine(RoundTransitions):
     @staticmethod
     def _current(runner: JobRunner, rnd: int, kind: str) -> RoundRow:
         """The open round `rnd` of `kind`, from the runner's own record of it; raises `Rejection` otherwise."""
+        if runner.state == "lost":  # its lease went while this request waited: the new writer takes the retry
+            raise Rejection("writer_changed", f"job {runner.job_id} is written by another replica now; retry", 503)
         if runner.state != "running" or runner.round is None:
             raise Rejection("job_not_running", f"job {runner.job_id} is {runner.state}", 409)
         current = runner.round

@@ -67,7 +67,9 @@ def job_for(sites: list[str], hidden: list[int]) -> dict[str, Any]:
     job: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     job.update(name="scale", sites=sites, min_sites=len(sites), rounds=3, round_deadline_s=3600,
                accept_deadline_s=600, model={"name": "mlp", "hidden": hidden})
-    job["privacy"].update(clip_norm=CLIP, noise_multiplier=SIGMA)
+    # Update-level DP: every upload carries N(0, (σC)²) noise on each parameter, the largest a valid update gets
+    # (a per-patient job's clipped, un-noised update is smaller and cheaper to check).
+    job["privacy"] = {"unit": "site", "clip_norm": CLIP, "noise_multiplier": SIGMA, "delta": 1e-5}
     return job
 
 

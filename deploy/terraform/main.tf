@@ -26,6 +26,10 @@ module "aggregator_vpc" {
   azs             = local.azs
   private_subnets = [for i, _ in local.azs : cidrsubnet(var.aggregator_vpc_cidr, 4, i)]
   public_subnets  = [for i, _ in local.azs : cidrsubnet(var.aggregator_vpc_cidr, 8, 200 + i)]
+  # The database's own subnets (database.tf): no route out of the VPC.
+  database_subnets                   = [for i, _ in local.azs : cidrsubnet(var.aggregator_vpc_cidr, 8, 100 + i)]
+  create_database_subnet_group       = true
+  create_database_subnet_route_table = true
 
   enable_nat_gateway                   = true
   single_nat_gateway                   = true
@@ -51,12 +55,13 @@ module "aggregator_eks" {
   enable_cluster_creator_admin_permissions = true
   enable_irsa                              = true
 
+  # At least two nodes in the two zones, so that two aggregator replicas can spread over zones and nodes.
   eks_managed_node_groups = {
     default = {
       instance_types = [var.aggregator_node_instance_type]
-      min_size       = 1
-      max_size       = 3
-      desired_size   = 2
+      min_size       = max(2, var.aggregator_replicas)
+      max_size       = max(3, var.aggregator_replicas + 1)
+      desired_size   = max(2, var.aggregator_replicas)
     }
   }
 }

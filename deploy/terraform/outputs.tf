@@ -47,3 +47,13 @@ output "aggregator_release" {
   description = "Namespace and name of the aggregator's Helm release; its services' load balancers are the federation's endpoints (kubectl -n fedsilo get svc)."
   value       = "${helm_release.aggregator.namespace}/${helm_release.aggregator.name}"
 }
+
+output "database_endpoint" {
+  description = "host:port of the aggregator's RDS PostgreSQL (private; reachable from the aggregator cluster only)."
+  value       = aws_db_instance.aggregator.endpoint
+}
+
+output "database_secret" {
+  description = "Namespace and name of the Kubernetes Secret holding the aggregator's database URL (key url; the chart's database.existingSecret)."
+  value       = "${kubernetes_secret_v1.database.metadata[0].namespace}/${kubernetes_secret_v1.database.metadata[0].name}"
+}

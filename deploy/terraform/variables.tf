@@ -113,3 +113,66 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "aggregator_replicas" {
+  description = "Aggregator replicas (the chart's replicaCount). Two by default: state is in RDS PostgreSQL and blobs in S3, so each job has one writer at a time and a replica's loss moves its jobs to the other (docs/deploy.md, \"Two replicas\")."
+  type        = number
+  default     = 2
+
+  validation {
+    condition     = var.aggregator_replicas >= 1 && var.aggregator_replicas <= 20 && floor(var.aggregator_replicas) == var.aggregator_replicas
+    error_message = "A whole number of replicas, from 1 to 20."
+  }
+}
+
+variable "database_engine_version" {
+  description = "PostgreSQL version of the aggregator's RDS instance: a major version (minor upgrades are automatic) or major.minor."
+  type        = string
+  default     = "16"
+
+  validation {
+    condition     = can(regex("^[0-9]{2}(\\.[0-9]+)?$", var.database_engine_version))
+    error_message = "A PostgreSQL major version such as 16, or major.minor such as 16.8."
+  }
+}
+
+variable "database_instance_class" {
+  description = "RDS instance class of the aggregator's database (its load is a few rows per update and per round)."
+  type        = string
+  default     = "db.t4g.medium"
+}
+
+variable "database_storage_gb" {
+  description = "Allocated storage of the aggregator's database, GiB (it holds rows and hashes; blobs are in S3)."
+  type        = number
+  default     = 20
+}
+
+variable "database_max_storage_gb" {
+  description = "Storage autoscaling ceiling of the aggregator's database, GiB."
+  type        = number
+  default     = 100
+}
+
+variable "database_multi_az" {
+  description = "A standby in a second zone with synchronous replication and automatic failover (about twice the instance cost). Two aggregator replicas in two zones keep running only if the database does too."
+  type        = bool
+  default     = true
+}
+
+variable "database_backup_retention_days" {
+  description = "Days of automated backups (point-in-time recovery) of the aggregator's database."
+  type        = number
+  default     = 14
+
+  validation {
+    condition     = var.database_backup_retention_days >= 1 && var.database_backup_retention_days <= 35
+    error_message = "From 1 to 35 days (RDS's range; 0 would switch backups off)."
+  }
+}
+
+variable "database_deletion_protection" {
+  description = "Refuse to delete the aggregator's database (set false, apply, then destroy, to tear it down)."
+  type        = bool
+  default     = true
+}

@@ -25,10 +25,14 @@ def cases() -> list[tuple[str, Path]]:
 
 
 @functools.cache  # several tests read the same rendering; its text is immutable
-def template(chart: str, *values: Path, sets: tuple[str, ...] = (), expect_error: bool = False) -> str:
-    """`helm template` output (or, with expect_error, helm's error message)."""
+def template(chart: str, *values: Path, sets: tuple[str, ...] = (), expect_error: bool = False,
+             skip_schema: bool = False) -> str:
+    """`helm template` output (or, with expect_error, helm's error message). `skip_schema` leaves
+    values.schema.json out, to reach the templates' own checks behind it."""
     args = [str(tool("helm")), "template", "fedsilo", str(CHARTS / chart), "--namespace", NAMESPACE,
             "--kube-version", KUBERNETES_VERSION]
+    if skip_schema:
+        args.append("--skip-schema-validation")
     for v in values:
         args += ["-f", str(v)]
     for s in sets:

@@ -4,8 +4,11 @@ rendered manifest against the Kubernetes schemas, and check what issue 7 asks of
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,9 @@ import yaml
 from agent.config import AgentConfig
 from agent.policy import SitePolicy
 from aggregator.config import AggregatorConfig
+from federation.transport import TLSConfig
 from fedsilo.broker import acl_for
+from fedsilo.certs import Pki
 from tests.deploy._helm import KUBERNETES_VERSION, cases, manifests, one, template, values_files
 from tests.deploy._tools import CHARTS, DEPLOY, GRAFANA, run, tool
 
@@ -32,9 +37,13 @@ def container(docs: list[dict[str, Any]], deployment: str, name: str) -> dict[st
     return dict(c)
 
 
-def assert_hardened(deployment: dict[str, Any]) -> None:
+def assert_hardened(deployment: dict[str, Any], replicas: int = 1) -> None:
     spec = deployment["spec"]
-    assert spec["replicas"] == 1 and spec["strategy"]["type"] == "Recreate"
+    assert spec["replicas"] == replicas
+    if replicas == 1:  # a ReadWriteOnce volume, or a singleton: the old pod stops before the new one starts
+        assert spec["strategy"]["type"] == "Recreate"
+    else:  # no volume to hand over: a rollout adds a replica before it removes one
+        assert spec["strategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
     pod = spec["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] >= 10000
     assert pod["automountServiceAccountToken"] is False
@@ -146,7 +155,8 @@ def test_aggregator_chart(values: Path, tmp_path: Path) -> None:
     given = yaml.safe_load(values.read_text())
     docs = manifests("aggregator", values)
     deployment = one(docs, "Deployment", "fedsilo")
-    assert_hardened(deployment)
+    replicas = given.get("replicaCount", 1)
+    assert_hardened(deployment, replicas)
     pod = deployment["spec"]["template"]["spec"]
     text = one(docs, "ConfigMap", "fedsilo")["data"]["aggregator.yaml"]
     assert "postgresql" not in text, "the database URL stays in its Secret"
@@ -181,9 +191,17 @@ def test_aggregator_chart(values: Path, tmp_path: Path) -> None:
     database = given.get("database", {}).get("existingSecret")
     if database:
         assert volumes["database"]["secret"]["secretName"] == database
-        check_config_init_container(pod, text, tmp_path)
+        check_config_init_container(pod, text, tmp_path, replicas)
     else:
         assert "initContainers" not in pod and config.state_url.startswith("sqlite:////var/fedsilo/aggregator/")
+    if replicas > 1:
+        check_replicas(docs, pod, volumes)
+    else:
+        assert not [d for d in docs if d["kind"] == "PodDisruptionBudget" or d["metadata"]["name"] == "fedsilo-peers"]
+        assert "topologySpreadConstraints" not in pod
+        claim = volumes["state"]["persistentVolumeClaim"]["claimName"]
+        existing = given.get("persistence", {}).get("existingClaim")
+        assert claim == existing if existing else one(docs, "PersistentVolumeClaim", claim)
 
     mosquitto = given.get("mosquitto", {}).get("enabled", True)
     if mosquitto:
@@ -191,7 +209,8 @@ def test_aggregator_chart(values: Path, tmp_path: Path) -> None:
         assert broker["acl"] == acl_for(given["sites"]), "the broker's ACL is fedsilo.broker.acl_for(sites)"
         conf = broker["mosquitto.conf"]
         for line in ("require_certificate true", "use_identity_as_username true", "allow_anonymous false",
-                     "acl_file /mosquitto/config/acl", f"listener {config.broker.port} 0.0.0.0"):
+                     "acl_file /mosquitto/config/acl", f"listener {config.broker.port} 0.0.0.0",
+                     f"message_size_limit {config.mqtt_max_message_bytes}"):
             assert line in conf.splitlines()
         assert config.broker.host == "fedsilo-mosquitto"
         one(docs, "Service", "fedsilo-mosquitto")
@@ -213,19 +232,55 @@ def test_aggregator_chart(values: Path, tmp_path: Path) -> None:
         assert d["metadata"]["namespace"] == given.get("dashboards", {}).get("namespace", "fedsilo")
 
 
-def check_config_init_container(pod: dict[str, Any], template_text: str, tmp_path: Path) -> None:
-    """Run the init container's own script (paths moved under tmp_path): it must add the Secret's URL."""
+POD_NAME, POD_IP = "fedsilo-7d9f8b6c5d-x2k4q", "10.10.3.17"
+
+
+def check_config_init_container(pod: dict[str, Any], template_text: str, tmp_path: Path, replicas: int) -> None:
+    """Run the init container's own script (paths moved under tmp_path) with the environment the pod spec gives
+    it (the downward API's values filled in): it must add the Secret's URL, the pod's name as replica_id and,
+    with several replicas, the pod's advertise_url."""
     (init,) = pod["initContainers"]
     assert init["command"][:2] == ["python", "-c"]
+    downward = {"metadata.name": POD_NAME, "status.podIP": POD_IP}
+    env = {e["name"]: e["value"] if "value" in e else downward[e["valueFrom"]["fieldRef"]["fieldPath"]]
+           for e in init["env"]}
     root = tmp_path / "etc"
     for sub in ("config-template", "database", "config"):
         (root / sub).mkdir(parents=True)
     (root / "config-template" / "aggregator.yaml").write_text(template_text)
     (root / "database" / "url").write_text("postgresql://fedsilo:pw@db.internal:5432/fedsilo\n")
     script = init["command"][2].replace("/etc/fedsilo", str(root))
-    subprocess.run([sys.executable, "-c", script], check=True, timeout=30)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=30, env=env)
     out = AggregatorConfig.load(root / "config" / "aggregator.yaml")
     assert out.state_url == "postgresql://fedsilo:pw@db.internal:5432/fedsilo"
+    assert out.replica_id == POD_NAME
+    if replicas > 1:
+        assert out.advertise_url == f"https://10-10-3-17.fedsilo-peers.fedsilo.svc.cluster.local:{out.port}"
+    else:
+        assert out.advertise_url is None
+
+
+def check_replicas(docs: list[dict[str, Any]], pod: dict[str, Any], volumes: dict[str, Any]) -> None:
+    """Several replicas: no claim for state (PostgreSQL and S3 hold it), a PodDisruptionBudget, a spread over
+    zones and nodes, a headless Service for the replicas' names, and the NetworkPolicy lets them reach each
+    other."""
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim" and "mosquitto" not in d["metadata"]["name"]]
+    assert "emptyDir" in volumes["state"] and "persistentVolumeClaim" not in volumes["state"]
+    selector = one(docs, "Deployment", "fedsilo")["spec"]["selector"]["matchLabels"]
+    budget = one(docs, "PodDisruptionBudget", "fedsilo")["spec"]
+    assert budget == {"maxUnavailable": 1, "selector": {"matchLabels": selector}}
+    spread = {c["topologyKey"]: c for c in pod["topologySpreadConstraints"]}
+    assert set(spread) == {"topology.kubernetes.io/zone", "kubernetes.io/hostname"}
+    for c in spread.values():
+        assert c["maxSkew"] == 1 and c["whenUnsatisfiable"] == "DoNotSchedule"
+        assert c["labelSelector"]["matchLabels"] == selector and c["matchLabelKeys"] == ["pod-template-hash"]
+    peers = one(docs, "Service", "fedsilo-peers")["spec"]
+    assert peers["clusterIP"] == "None" and peers["publishNotReadyAddresses"] is True
+    assert peers["selector"] == selector and peers["ports"][0]["targetPort"] == "https"
+    netpol = one(docs, "NetworkPolicy", "fedsilo")["spec"]
+    to_peers = {"podSelector": {"matchLabels": selector}}
+    assert any(r["from"] == [to_peers] for r in netpol["ingress"]), "replicas must accept each other's requests"
+    assert any(r.get("to") == [to_peers] for r in netpol["egress"]), "replicas must reach each other"
 
 
 @pytest.mark.parametrize(("sets", "message"), [
@@ -244,3 +299,86 @@ def test_aggregator_chart_acl_follows_the_site_list() -> None:
     values = CHARTS / "aggregator" / "ci" / "sqlite-mosquitto-values.yaml"
     docs = manifests("aggregator", values, sets=("sites={zurich,a-site,zurich}",))
     assert one(docs, "ConfigMap", "fedsilo-mosquitto")["data"]["acl"] == acl_for(["zurich", "a-site"])
+
+
+# ------------------------------------------------------------------------------------------- several replicas
+HA_VALUES = CHARTS / "aggregator" / "ci" / "ha-values.yaml"
+NOT_SHARED = [  # what several replicas cannot share: (values, the schema's complaint, the template's reason)
+    (("database.existingSecret=",), "/database/existingSecret",
+     "replicaCount is 2 but the state store is SQLite: more than one replica needs PostgreSQL"),
+    (("blobs.s3.bucket=",), "/blobs/s3/bucket",
+     "replicaCount is 2 but blobs are files: more than one replica needs S3 blobs"),
+    (("persistence.existingClaim=fedsilo-aggregator-state",), "/persistence/existingClaim",
+     "replicaCount is 2 but persistence.existingClaim is set"),
+]
+
+
+@pytest.mark.parametrize(("sets", "schema_path", "reason"), NOT_SHARED, ids=["sqlite", "file-blobs", "claim"])
+def test_aggregator_chart_refuses_replicas_without_shared_state(sets: tuple[str, ...], schema_path: str,
+                                                                reason: str) -> None:
+    """values.schema.json refuses it first (`helm install` and `helm template` alike); behind it, the templates
+    refuse it with the reason (a chart packaged without its schema, or --skip-schema-validation)."""
+    error = template("aggregator", HA_VALUES, sets=sets, expect_error=True)
+    assert schema_path in error and "allOf" in error, error
+    error = template("aggregator", HA_VALUES, sets=sets, expect_error=True, skip_schema=True)
+    assert reason in error, error
+
+
+def test_aggregator_chart_refuses_two_replicas_on_the_single_replica_values() -> None:
+    """The reference single-replica values (SQLite, files, its own broker) with replicaCount=2: both missing."""
+    values = CHARTS / "aggregator" / "ci" / "sqlite-mosquitto-values.yaml"
+    error = template("aggregator", values, sets=("replicaCount=2",), expect_error=True)
+    assert "/database/existingSecret" in error and "/blobs/s3/bucket" in error, error
+    error = template("aggregator", values, sets=("replicaCount=2",), expect_error=True, skip_schema=True)
+    assert "more than one replica needs PostgreSQL (set database.existingSecret)" in error, error
+
+
+def test_aggregator_chart_two_replicas_irsa_and_blob_settings() -> None:
+    """The replicas reach S3 through the IRSA role annotated on their service account, with the bucket, prefix
+    and KMS key from the values; three replicas get the same budget and spread as two."""
+    docs = manifests("aggregator", HA_VALUES, sets=("replicaCount=3",))
+    assert one(docs, "Deployment", "fedsilo")["spec"]["replicas"] == 3
+    account = one(docs, "ServiceAccount", "fedsilo")["metadata"]["annotations"]
+    assert account["eks.amazonaws.com/role-arn"] == "arn:aws:iam::123456789012:role/fedsilo-aggregator"
+    text = one(docs, "ConfigMap", "fedsilo")["data"]["aggregator.yaml"]
+    config = AggregatorConfig.model_validate(yaml.safe_load(text))
+    assert config.blob_url == "s3://fedsilo-blobs-example/aggregator"
+    assert config.blob_s3.kms_key_id == "arn:aws:kms:eu-central-1:123456789012:key/0a1b2c3d-4e5f-6789-abcd-ef0123456789"
+    assert config.lease_ttl_s == 3.0
+    assert one(docs, "PodDisruptionBudget", "fedsilo")["spec"]["maxUnavailable"] == 1
+    assert not [d for d in docs if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "fedsilo-state"]
+
+
+def test_the_advertised_name_is_covered_by_a_wildcard_certificate(tmp_path: Path) -> None:
+    """A replica forwards to another's advertise_url over TLS with hostname checking (aggregator/forward.py):
+    the dashed-IP name under the peers Service must match the SAN docs/deploy.md tells operators to issue,
+    `*.fedsilo-peers.fedsilo.svc.cluster.local`, in a real handshake (and a name outside it must not)."""
+
+    pki = Pki(tmp_path / "pki")
+    pki.init()
+    issued = pki.issue("aggregator", "aggregator", ["fedsilo.example", "*.fedsilo-peers.fedsilo.svc.cluster.local"])
+    tls = TLSConfig(ca_file=pki.ca_cert, cert_file=issued.cert, key_file=issued.key)
+    server_ctx = tls.server_context(require_client_cert=True)
+
+    def handshake(name: str) -> None:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            port = listener.getsockname()[1]
+            done = threading.Thread(target=lambda: _accept(listener, server_ctx), daemon=True)
+            done.start()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+                    tls.client_context().wrap_socket(raw, server_hostname=name) as conn:
+                assert conn.version() is not None
+            done.join(10)
+
+    handshake("10-10-3-17.fedsilo-peers.fedsilo.svc.cluster.local")
+    with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+        handshake("10-10-3-17.other.fedsilo.svc.cluster.local")
+
+
+def _accept(listener: socket.socket, ctx: ssl.SSLContext) -> None:
+    conn, _ = listener.accept()
+    try:
+        with ctx.wrap_socket(conn, server_side=True):
+            pass
+    except (ssl.SSLError, OSError):  # the client refused the certificate: the test checks its side
+        conn.close()

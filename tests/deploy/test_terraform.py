@@ -179,3 +179,75 @@ def test_files_follow_terraform_fmt_layout() -> None:
         proc = subprocess.run([str(terraform), "fmt", "-check", "-recursive", "-diff", str(TERRAFORM)],
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, f"terraform fmt would change:\n{proc.stdout}{proc.stderr}"
+
+
+def test_database() -> None:
+    """The aggregator's RDS PostgreSQL (deploy/terraform/database.tf): encrypted with a key of its own, never
+    public, in the VPC's database subnets, reachable on 5432 from the aggregator cluster's nodes only, TLS only,
+    backed up, Multi-AZ and deletion protection on by default and configurable, its password generated."""
+    db = named(TERRAFORM, "resource", "aws_db_instance")["aggregator"]
+    assert db["engine"] == "postgres"
+    assert db["storage_encrypted"] is True and db["kms_key_id"] == "${aws_kms_key.database.arn}"
+    assert db["publicly_accessible"] is False
+    assert db["db_subnet_group_name"] == "${module.aggregator_vpc.database_subnet_group_name}"
+    assert db["vpc_security_group_ids"] == ["${aws_security_group.database.id}"]
+    assert db["password"] == "${random_password.database.result}", "the password is generated, never written"
+    assert db["multi_az"] == "${var.database_multi_az}"
+    assert db["deletion_protection"] == "${var.database_deletion_protection}"
+    assert db["backup_retention_period"] == "${var.database_backup_retention_days}"
+    assert db["skip_final_snapshot"] is False and db["copy_tags_to_snapshot"] is True
+    variables = blocks(TERRAFORM, "variable")
+    assert variables["database_multi_az"]["default"] is True
+    assert variables["database_deletion_protection"]["default"] is True
+    assert variables["database_backup_retention_days"]["default"] >= 7
+    assert "validation" in variables["database_backup_retention_days"]
+    assert named(TERRAFORM, "resource", "aws_kms_key")["database"]["enable_key_rotation"] is True
+
+    vpc = blocks(TERRAFORM, "module")["aggregator_vpc"]
+    assert vpc["database_subnets"] and vpc["create_database_subnet_group"] is True
+    group = named(TERRAFORM, "resource", "aws_security_group")["database"]
+    assert "ingress" not in group and "egress" not in group, "rules are the separate resources below, only"
+    rules = named(TERRAFORM, "resource", "aws_vpc_security_group_ingress_rule")
+    assert rules == {"database_from_nodes": {
+        "security_group_id": "${aws_security_group.database.id}",
+        "description": rules["database_from_nodes"]["description"],
+        "referenced_security_group_id": "${module.aggregator_eks.node_security_group_id}",
+        "ip_protocol": "tcp", "from_port": 5432, "to_port": 5432}}, "5432 from the cluster's nodes, nothing else"
+    assert not named(TERRAFORM, "resource", "aws_vpc_security_group_egress_rule")
+    parameters = {p["name"]: p["value"] for p in named(TERRAFORM, "resource", "aws_db_parameter_group")["database"]
+                  ["parameter"]}
+    assert parameters["rds.force_ssl"] == "1"
+    assert db["parameter_group_name"] == "${aws_db_parameter_group.database.name}"
+
+
+def test_database_and_blobs_are_wired_into_the_helm_release() -> None:
+    """The release runs aggregator_replicas (default 2) replicas on the RDS database, whose URL reaches the pods
+    in a Kubernetes Secret only (never a Helm value), on the blob bucket and its key, through the IRSA role whose
+    service account is the chart's."""
+    release = named(TERRAFORM, "resource", "helm_release")["aggregator"]
+    values = str(release["values"])
+    for wired in ("replicaCount = var.aggregator_replicas",
+                  'database = {existingSecret = kubernetes_secret_v1.database.metadata[0].name, key = "url"}',
+                  "databaseCidrs = module.aggregator_vpc.database_subnets_cidr_blocks",
+                  "databasePort = aws_db_instance.aggregator.port",
+                  "serviceAccount = {roleArn = module.aggregator_irsa.iam_role_arn}",
+                  "bucket = aws_s3_bucket.blobs.id", "kmsKeyId = aws_kms_key.blobs.arn"):
+        assert wired in values, f"the aggregator's release does not get {wired}"
+    for leak in ("random_password", "password", "aws_db_instance.aggregator.address", "postgresql://"):
+        assert leak not in values, f"{leak} in the release's values: the URL goes through the Secret only"
+    assert "set_sensitive" not in release and "set" not in release
+    assert release["namespace"] == "${kubernetes_namespace_v1.fedsilo.metadata[0].name}"
+    variables = blocks(TERRAFORM, "variable")
+    assert variables["aggregator_replicas"]["default"] == 2
+
+    secret = named(TERRAFORM, "resource", "kubernetes_secret_v1")["database"]
+    (meta,) = secret["metadata"]
+    assert meta["namespace"] == release["namespace"]
+    assert secret["data"]["url"] == ("postgresql://fedsilo:${urlencode(random_password.database.result)}"
+                                     "@${aws_db_instance.aggregator.address}:${aws_db_instance.aggregator.port}"
+                                     "/fedsilo?sslmode=require")
+    # The chart's service account (release "fedsilo": fullname "fedsilo") in that namespace assumes the role.
+    (namespace,) = named(TERRAFORM, "resource", "kubernetes_namespace_v1")["fedsilo"]["metadata"]
+    irsa = blocks(TERRAFORM, "module")["aggregator_irsa"]
+    assert irsa["oidc_providers"]["aggregator"]["namespace_service_accounts"] == [
+        f"{namespace['name']}:{release['name']}"]

@@ -77,3 +77,63 @@ topic write fedsilo/v1/sites/{{ $site }}/status
 topic write fedsilo/v1/sites/{{ $site }}/events
 {{ end -}}
 {{- end -}}
+
+{{/* More than one aggregator replica (docs/deploy.md, "Two replicas"). */}}
+{{- define "aggregator.replicated" -}}
+{{- if gt (int .Values.replicaCount) 1 }}true{{ end -}}
+{{- end -}}
+
+{{/* The headless Service whose per-pod DNS names the replicas advertise to each other. */}}
+{{- define "aggregator.peersService" -}}
+{{ include "aggregator.fullname" . }}-peers
+{{- end -}}
+
+{{/* Refuse what several replicas cannot share (values.schema.json says the same, for `helm install`). */}}
+{{- define "aggregator.checkReplicas" -}}
+{{- $n := int .Values.replicaCount -}}
+{{- if gt $n 1 -}}
+{{- if not .Values.database.existingSecret -}}
+{{- fail (printf "replicaCount is %d but the state store is SQLite: more than one replica needs PostgreSQL (set database.existingSecret), because SQLite is a file on one pod's ReadWriteOnce volume" $n) -}}
+{{- end -}}
+{{- if not .Values.blobs.s3.bucket -}}
+{{- fail (printf "replicaCount is %d but blobs are files: more than one replica needs S3 blobs (set blobs.s3.bucket), because the blob directory is on one pod's ReadWriteOnce volume" $n) -}}
+{{- end -}}
+{{- if .Values.persistence.existingClaim -}}
+{{- fail (printf "replicaCount is %d but persistence.existingClaim is set: replicas share no volume (each keeps its reports and tracking outbox in an emptyDir); unset persistence.existingClaim" $n) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* mosquitto.conf of the chart's broker (the listener, TLS and ACL settings are fedsilo.broker's). */}}
+{{- define "aggregator.mosquittoConf" -}}
+per_listener_settings true
+persistence true
+persistence_location /mosquitto/data/
+persistence_file mosquitto.db
+autosave_interval 10
+log_dest stdout
+log_type error
+log_type warning
+log_type notice
+max_queued_messages 10000
+# The largest payload the broker accepts, from anyone: the aggregator's mqtt_max_message_bytes (one value,
+# aggregator.mqttMaxMessageBytes), so a site's oversized status or event stops at the broker instead of
+# reaching every aggregator replica and being dropped there. A larger one is dropped without a word (for
+# MQTT 3.1.1 QoS 1, Mosquitto still acknowledges it), and the limit applies to the aggregator's own publishes
+# too: a job offer carries the job's spec (about 2 KB for four sites, 30 KB for 1,000 sites with 24-character
+# names), so raise mqttMaxMessageBytes for jobs with hundreds of sites or a large `prior`. (Mosquitto suggests
+# max_packet_size instead; that one disconnects the sender, and the aggregator would then send a too-large
+# offer again on every reconnect.)
+message_size_limit {{ .Values.aggregator.mqttMaxMessageBytes | int64 }}
+# Each aggregator replica's client id follows its pod's name: without this, every replaced pod would leave
+# a persistent session behind that queues every site's status and events forever.
+persistent_client_expiration {{ .Values.mosquitto.persistentClientExpiration }}
+listener {{ .Values.mosquitto.port }} 0.0.0.0
+cafile /mosquitto/tls/ca.crt
+certfile /mosquitto/tls/tls.crt
+keyfile /mosquitto/tls/tls.key
+require_certificate true
+use_identity_as_username true
+allow_anonymous false
+acl_file /mosquitto/config/acl
+{{- end -}}
