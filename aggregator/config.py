@@ -51,7 +51,8 @@ class AggregatorConfig(Frozen):
     # What one site may send over MQTT (status heartbeats, job answers): the largest message, and a token bucket of
     # `mqtt_site_burst` messages refilled at `mqtt_site_rate_per_s`. Beyond, messages are dropped and counted
     # (`fedsilo_site_messages_rejected`). An agent sends a heartbeat every few seconds and one answer per job.
-    mqtt_max_message_bytes: int = Field(default=16_384, ge=1024, le=1 << 20)
+    # At most the broker's own limit (`fedsilo.broker.MESSAGE_SIZE_LIMIT`, 256 KiB), which must let job offers through.
+    mqtt_max_message_bytes: int = Field(default=16_384, ge=1024, le=256 * 1024)
     mqtt_site_rate_per_s: float = Field(default=2.0, gt=0, le=1000)
     mqtt_site_burst: int = Field(default=20, ge=1, le=10_000)
     # Serve /metrics on a listener of its own (plain HTTP, e.g. only inside the cluster) instead of the HTTPS API's

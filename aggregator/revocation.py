@@ -43,7 +43,8 @@ class RevocationError(Exception):
 class IdentityMetrics:
     """Refused certificates and tokens, and the health of the files revocations come from (bounded labels)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, with_crl: bool = True) -> None:
+        """`with_crl`: export the CRL's gauges (only when there is a CRL: a 0 would read as long expired)."""
         self.revoked_refused = Counter(
             "fedsilo_revoked_certificate_requests", "Requests refused because the client certificate is in the CRL, "
             "by the certificate's role.", ["role"], registry=registry)
@@ -54,11 +55,15 @@ class IdentityMetrics:
             "fedsilo_identity_file_reload_failures", "CRL or operators file changes that could not be loaded (the "
             "last good CRL stays in force; the operators file's tokens are refused until it is fixed).", ["file"],
             registry=registry)
-        self.crl_revoked = Gauge("fedsilo_crl_revoked_certificates", "Serials in the CRL in force.",
-                                 registry=registry)
-        self.crl_next_update = Gauge(
-            "fedsilo_crl_next_update_timestamp_seconds", "When the CRL in force says it is next updated (Unix time): "
-            "re-sign it (`fedsilo certs crl`) before then, or Mosquitto refuses every client.", registry=registry)
+        self.crl_revoked: Gauge | None = None
+        self.crl_next_update: Gauge | None = None
+        if with_crl:
+            self.crl_revoked = Gauge("fedsilo_crl_revoked_certificates", "Serials in the CRL in force.",
+                                     registry=registry)
+            self.crl_next_update = Gauge(
+                "fedsilo_crl_next_update_timestamp_seconds", "When the CRL in force says it is next updated (Unix "
+                "time): re-sign it (`fedsilo certs crl`) before then, or Mosquitto refuses every client.",
+                registry=registry)
 
 
 class RevocationList:
@@ -127,8 +132,9 @@ class RevocationList:
         if next_update is not None and next_update < dt.datetime.now(dt.UTC):
             log.warning("crl_past_next_update", path=str(self.path), next_update=next_update.isoformat(),
                         effect="still enforced here; Mosquitto refuses every client: re-sign it (fedsilo certs crl)")
-        if self._metrics is not None:
+        if self._metrics is not None and self._metrics.crl_revoked is not None:
             self._metrics.crl_revoked.set(len(self._serials))
+        if self._metrics is not None and self._metrics.crl_next_update is not None:
             self._metrics.crl_next_update.set(next_update.timestamp() if next_update else float("nan"))
 
     def refusal(self, request: web.Request, metrics: IdentityMetrics | None) -> web.Response | None:

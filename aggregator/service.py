@@ -60,7 +60,7 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     forwarder = Forwarder(cfg.tls)
     # Revoked certificates and the operators' tokens are read now, so a bad file stops the start with its reason,
     # and again whenever they change (aggregator/revocation.py, aggregator/auth.py).
-    identity = IdentityMetrics(metrics.registry)
+    identity = IdentityMetrics(metrics.registry, with_crl=cfg.crl_file is not None)
     tokens = OperatorTokens(cfg.operators, cfg.operators_file,
                             on_reload_failure=identity.reload_failures.labels("operators").inc)
     tokens.check()

@@ -44,13 +44,14 @@ __all__ = ["MESSAGE_SIZE_LIMIT", "BrokerError", "BrokerTLS", "MosquittoBroker", 
            "mosquitto_config", "run_as"]
 
 _SEARCH_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/mosquitto")
-# Mosquitto's `message_size_limit`: it drops (and does not deliver) any PUBLISH whose payload is larger. The largest
-# legitimate message is a signed job offer, which carries the job's spec: 1.9 KB for the examples, 144 KB for a job
-# with JobSpec's maximum of 1,000 sites, 1,000 numeric inputs and a prior on each (measured; site names of 63
-# characters). 1 MiB leaves a wide margin over both, and is the ceiling of the aggregator's `mqtt_max_message_bytes`
-# (default 16 KiB, checked again by the aggregator on what sites send), so the broker never drops a message the
-# aggregator could accept. The aggregator chart should use the same value.
-MESSAGE_SIZE_LIMIT = 1 << 20
+# Mosquitto's `message_size_limit`: it drops (and does not deliver) any PUBLISH whose payload is larger, from anyone.
+# The largest legitimate message is a signed job offer, which carries the job's spec: 1.9 KB for the examples, 144 KB
+# for a job with 1,000 sites named with 63 characters, 1,000 numeric inputs and a prior on each (measured). 256 KiB
+# leaves a wide margin over the first and room for the second, and is the ceiling of the aggregator's
+# `mqtt_max_message_bytes` (default 16 KiB, applied again by the aggregator, with a rate limit, to what each site
+# sends), so the broker never drops a message the aggregator could accept. Smaller is not better: an offer over the
+# limit would be dropped without a word, and with it the job. The aggregator chart should use the same value.
+MESSAGE_SIZE_LIMIT = 256 * 1024
 
 
 class BrokerError(FedsiloError, RuntimeError):
