@@ -20,7 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from aggregator import openapi
-from aggregator.auth import Identity, OperatorToken, Role, certificate_identity, operator_identity
+from aggregator.auth import Identity, OperatorTokens, Role, TokenRefusal, certificate_identity, operator_identity
 from aggregator.blobs import BlobStore, BlobStoreError
 from aggregator.db import Db
 from aggregator.engine import RoundEngine
@@ -42,7 +42,9 @@ DB: web.AppKey[Db] = web.AppKey("db", Db)
 BLOBS: web.AppKey[BlobStore] = web.AppKey("blobs", BlobStore)
 METRICS: web.AppKey[AggregatorMetrics] = web.AppKey("metrics", AggregatorMetrics)
 MAX_UPLOAD: web.AppKey[int] = web.AppKey("max_upload", int)
-TOKENS: web.AppKey[tuple[OperatorToken, ...]] = web.AppKey("tokens", tuple)
+TOKENS: web.AppKey[OperatorTokens] = web.AppKey("tokens", OperatorTokens)
+# Called with the reason of each refused bearer token (counted in /metrics by `aggregator.revocation`).
+TOKEN_REFUSED: web.AppKey[Callable[[str], None]] = web.AppKey("token_refused")
 BODY_TIMEOUT: web.AppKey[float] = web.AppKey("body_timeout", float)
 MAX_PARAMS: web.AppKey[int] = web.AppKey("max_params", int)
 MAX_PUBLISH: web.AppKey[int] = web.AppKey("max_publish", int)
@@ -133,10 +135,16 @@ def operator(role: Role) -> Callable[[Handler], Handler]:
 
     def decorate(handler: Handler) -> Handler:
         async def wrapped(request: web.Request) -> web.StreamResponse:
-            who = operator_identity(request, request.app[TOKENS])
+            who: Identity | TokenRefusal | None = operator_identity(request, request.app[TOKENS])
             named = forwarded(request, FORWARDED_OPERATOR)
             if named is not None and len(parts := named.split(" ")) == 2 and parts[1] in ("viewer", "admin"):
                 who = Identity(parts[0], parts[1])
+            if isinstance(who, TokenRefusal):
+                if (count := request.app.get(TOKEN_REFUSED)) is not None:
+                    count(who.reason)
+                request.app[REJECTIONS].log.warning("token_refused", ("token", who.reason), reason=who.reason,
+                                                    detail=who.detail, path=request.path)
+                return error(401, who.reason, who.detail)
             if who is None:
                 cert = certificate_identity(request)
                 if cert is not None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from aggregator.auth import OperatorToken
 from aggregator.blobs_s3 import S3BlobConfig
@@ -51,11 +51,12 @@ class AggregatorConfig(Frozen):
     # What one site may send over MQTT (status heartbeats, job answers): the largest message, and a token bucket of
     # `mqtt_site_burst` messages refilled at `mqtt_site_rate_per_s`. Beyond, messages are dropped and counted
     # (`fedsilo_site_messages_rejected`). An agent sends a heartbeat every few seconds and one answer per job.
-    mqtt_max_message_bytes: int = Field(default=16_384, ge=1024, le=1 << 20)
+    # At most mqtt_max_publish_bytes, the broker's own limit: the broker never drops what the aggregator accepts.
+    mqtt_max_message_bytes: int = Field(default=16_384, ge=1024, le=16 << 20)
     # The largest message the aggregator publishes (a signed job offer carries the whole job: its site list, its
     # features, a prior). A job whose offer is larger is refused at submit (`offer_too_large`), because the broker's
-    # `message_size_limit` must be at least this (the Helm chart and `fedsilo broker config` set it to this value)
-    # and Mosquitto drops a larger message without telling its sender.
+    # `message_size_limit` is this (the Helm chart and `fedsilo broker config` set it so: 256 KiB,
+    # `fedsilo.broker.MESSAGE_SIZE_LIMIT`) and Mosquitto drops a larger message without telling its sender.
     mqtt_max_publish_bytes: int = Field(default=262_144, ge=16_384, le=16 << 20)
     mqtt_site_rate_per_s: float = Field(default=2.0, gt=0, le=1000)
     mqtt_site_burst: int = Field(default=20, ge=1, le=10_000)
@@ -74,13 +75,31 @@ class AggregatorConfig(Frozen):
     # A replica that has not renewed a job's lease for this long loses the job to another replica (see
     # aggregator/leases.py): the takeover time after a crash is about this plus a quarter of it.
     lease_ttl_s: float = Field(default=3.0, gt=0.2, le=300)
-    # Operator bearer tokens (sha256 only) for the console and scripts; operator certificates also work.
+    # The federation CA's certificate revocation list (`fedsilo certs revoke` writes it as crl.pem in the PKI
+    # directory). A client certificate whose serial it lists is refused (403 certificate_revoked) on every request;
+    # the file is re-read when it changes, without a restart. It must be signed by the CA in `tls.ca_file`.
+    # None: no certificate is checked for revocation.
+    crl_file: Path | None = None
+    # Operator bearer tokens (sha256 only) for the console and scripts; operator certificates also work. These are
+    # read once, at start: tokens that must be revoked or expire without a restart belong in `operators_file`.
     operators: tuple[OperatorToken, ...] = ()
+    # A YAML file of more tokens (`operators: [{name, role, token_sha256, expires_at, revoked}]`, as
+    # `fedsilo operator token --file` writes it), re-read whenever it changes: a token added, revoked, expired or
+    # removed there is honoured on the next request. None: only `operators`.
+    operators_file: Path | None = None
     # On SIGTERM, how long requests in flight may take to finish before their connections are closed. An update
     # cut off is not acknowledged, so its agent sends it again; an acknowledged one is already durable.
     shutdown_grace_s: float = Field(default=1.0, ge=0, le=60)
     # JSON log lines (None: JSON unless stderr is a terminal).
     log_json: bool | None = None
+
+    @model_validator(mode="after")
+    def _sizes_agree(self) -> AggregatorConfig:
+        if self.mqtt_max_message_bytes > self.mqtt_max_publish_bytes:
+            raise ValueError(f"mqtt_max_message_bytes {self.mqtt_max_message_bytes} exceeds mqtt_max_publish_bytes "
+                             f"{self.mqtt_max_publish_bytes}, the broker's limit: the broker would drop what the "
+                             "aggregator accepts")
+        return self
 
     @classmethod
     def load(cls, path: Path | None) -> AggregatorConfig:

@@ -7,8 +7,10 @@ import os
 
 import structlog
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from aggregator import api, api_operators, api_sites
+from aggregator.auth import OperatorTokens
 from aggregator.blobs import open_blobs
 from aggregator.config import AggregatorConfig
 from aggregator.console import add_console
@@ -19,6 +21,7 @@ from aggregator.ingress import IngressLimiter, SiteInbox
 from aggregator.jobevents import JobEventWorker
 from aggregator.leases import LeaseKeeper, LeaseSettings
 from aggregator.metrics import AggregatorMetrics
+from aggregator.revocation import IdentityMetrics, RevocationList, refuse_revoked
 from aggregator.sites import SiteRegistry
 from aggregator.store import open_store
 from aggregator.tracking import TrackingHub
@@ -55,7 +58,18 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     engine = RoundEngine(db, blobs, link, lambda m: sign(m, key), metrics, post=events.post, lease=lease)
     keeper = LeaseKeeper(db, engine, lease, events)
     forwarder = Forwarder(cfg.tls)
-    app = web.Application(client_max_size=cfg.max_upload_bytes, middlewares=[api.storage_errors])
+    # Revoked certificates and the operators' tokens are read now, so a bad file stops the start with its reason,
+    # and again whenever they change (aggregator/revocation.py, aggregator/auth.py).
+    identity = IdentityMetrics(metrics.registry, with_crl=cfg.crl_file is not None)
+    tokens = OperatorTokens(cfg.operators, cfg.operators_file,
+                            on_reload_failure=identity.reload_failures.labels("operators").inc)
+    tokens.check()
+    middlewares: list[Middleware] = [api.storage_errors]
+    if cfg.crl_file is not None:
+        crl = RevocationList(cfg.crl_file, cfg.tls.ca_file, identity)
+        crl.load()
+        middlewares.insert(0, refuse_revoked(crl, identity))
+    app = web.Application(client_max_size=cfg.max_upload_bytes, middlewares=middlewares)
     app[api.ENGINE], app[api.DB], app[api.BLOBS], app[api.METRICS] = engine, db, blobs, metrics
     app[api.MAX_UPLOAD] = cfg.max_upload_bytes
     app[api.BODY_TIMEOUT] = cfg.http_body_timeout_s
@@ -64,7 +78,8 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     app[api.METRICS_ELSEWHERE] = cfg.metrics_port is not None
     internal: list[web.AppRunner] = []
     app[api.REJECTIONS] = api.RejectionLog()
-    app[api.TOKENS] = cfg.operators
+    app[api.TOKENS] = tokens
+    app[api.TOKEN_REFUSED] = lambda reason: identity.tokens_refused.labels(reason).inc()
     app[api.LEASE], app[api.FORWARDER] = lease, forwarder
     for table in (api.routes, api_operators.routes, api_sites.routes):
         app.add_routes(table)

@@ -34,13 +34,24 @@ from types import TracebackType
 from typing import IO
 
 from federation import topics
+from federation.jobs import SITE_NAME
+from fedsilo.certs import NAME_RULE
 from fedsilo.errors import FedsiloError
 from fedsilo.netutil import free_port
 from fedsilo.processes import ProcessTable
 
-__all__ = ["BrokerError", "BrokerTLS", "MosquittoBroker", "acl_for", "find_mosquitto", "mosquitto_config", "run_as"]
+__all__ = ["MESSAGE_SIZE_LIMIT", "BrokerError", "BrokerTLS", "MosquittoBroker", "acl_for", "find_mosquitto",
+           "mosquitto_config", "run_as"]
 
 _SEARCH_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/mosquitto")
+# Mosquitto's `message_size_limit`: it drops (and does not deliver) any PUBLISH whose payload is larger, from anyone.
+# The largest legitimate message is a signed job offer, which carries the job's spec: 1.9 KB for the examples, 144 KB
+# for a job with 1,000 sites named with 63 characters, 1,000 numeric inputs and a prior on each (measured). 256 KiB
+# leaves a wide margin over the first and room for the second, and is the ceiling of the aggregator's
+# `mqtt_max_message_bytes` (default 16 KiB, applied again by the aggregator, with a rate limit, to what each site
+# sends), so the broker never drops a message the aggregator could accept. Smaller is not better: an offer over the
+# limit would be dropped without a word, and with it the job. The aggregator chart should use the same value.
+MESSAGE_SIZE_LIMIT = 256 * 1024
 
 
 class BrokerError(FedsiloError, RuntimeError):
@@ -57,6 +68,11 @@ class BrokerTLS:
     keyfile: Path
     require_certificate: bool = True
     use_identity_as_username: bool = True
+    # The federation CA's revocation list (`fedsilo certs revoke`). Mosquitto refuses to start if it is named and
+    # missing; it reads it when the listener starts and again on SIGHUP, but only for new connections (a revoked
+    # client already connected stays connected until a restart); past the CRL's next-update time it refuses every
+    # client. docs/identities.md has what was measured with Mosquitto 2.0.11.
+    crlfile: Path | None = None
 
     def __post_init__(self) -> None:
         # Without require_certificate mosquitto never asks for a client certificate, so there is no identity
@@ -68,9 +84,19 @@ class BrokerTLS:
 def acl_for(sites: Iterable[str], aggregator: str = "aggregator") -> str:
     """Mosquitto ACL (usernames are certificate common names): the aggregator reads and writes every site's
     subtree; a site reads only its own offers and tasks and writes only its own status and events.
-    Anyone else, including a certificate for a site not listed, may do nothing."""
+    Anyone else, including a certificate for a site not listed, may do nothing.
+
+    Every name must follow the certificates' name rule (`fedsilo.certs.check_name`), and a name that does not is
+    refused, never escaped: a site named `+` or `#` would be a wildcard in its own topic patterns (reading every
+    site's offers), one with a newline would add ACL lines, one with `/` would reach into another subtree."""
+    names = sorted(set(sites))
+    for name in [aggregator, *names]:
+        if not SITE_NAME.fullmatch(name):
+            raise BrokerError(f"{name!r} cannot be named in the broker's ACL: a name is {NAME_RULE}")
+    if aggregator in names:
+        raise BrokerError(f"{aggregator!r} is the aggregator's name; a site cannot have it")
     lines = [f"user {aggregator}", f"topic readwrite {topics.ROOT}/#", ""]
-    for site in sorted(set(sites)):
+    for site in names:
         lines += [
             f"user {site}",
             f"topic read {topics.offers(site, '#')}",
@@ -94,7 +120,7 @@ def run_as(path: Path) -> str:
 
 def mosquitto_config(
     *, host: str, port: int, persistence_dir: Path, log_dest: str, tls: BrokerTLS | None, acl_file: Path | None,
-    run_as: str | None, autosave_interval: int = 10,
+    run_as: str | None, autosave_interval: int = 10, message_size_limit: int = MESSAGE_SIZE_LIMIT,
 ) -> str:
     """mosquitto.conf for one listener: mutual TLS with the certificate CN as username and the ACL file, or plain
     anonymous MQTT for tests without TLS. `fedsilo broker config` and the local launcher both write this text;
@@ -115,6 +141,7 @@ def mosquitto_config(
         "log_type information",  # for the "running" line `start` waits for (and a save line when state changed)
         "log_timestamp_format %Y-%m-%dT%H:%M:%S",
         "max_queued_messages 10000",
+        f"message_size_limit {message_size_limit}",  # a global option: before the listener
         f"listener {port} {host}",
     ]
     if tls is None:
@@ -124,6 +151,7 @@ def mosquitto_config(
             f"cafile {tls.cafile}",
             f"certfile {tls.certfile}",
             f"keyfile {tls.keyfile}",
+            *([f"crlfile {tls.crlfile}"] if tls.crlfile is not None else []),
             f"require_certificate {'true' if tls.require_certificate else 'false'}",
             f"use_identity_as_username {'true' if tls.use_identity_as_username else 'false'}",
             "allow_anonymous false" if tls.require_certificate else "allow_anonymous true",

@@ -128,7 +128,8 @@ class Workspace:
 
     def broker_tls(self) -> BrokerTLS:
         broker = self.pki.issued("broker", "broker")
-        return BrokerTLS(self.pki.ca_cert, broker.cert, broker.key)
+        crl = self.pki.crl  # `local_pki` writes it (an empty one for a workspace made before revocation existed)
+        return BrokerTLS(self.pki.ca_cert, broker.cert, broker.key, crlfile=crl if crl.exists() else None)
 
     # ------------------------------------------------------------------ reading
     def exists(self) -> bool:
@@ -276,6 +277,7 @@ def write_workspace(
         "broker": {"host": HOST, "port": ports.broker},
         "tls": _tls(pki, "aggregator", "aggregator"),
         "signing_key": str(pki.signing_key),
+        "crl_file": str(pki.crl),
         "operators": operators,
         "log_json": True,
         **(aggregator_extra or {}),

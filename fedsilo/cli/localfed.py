@@ -183,15 +183,22 @@ def broker_config(sites: str, port: int, host: str, pki_dir: Path, out: Path, fo
     existing = [str(p) for p in (conf, acl) if p.exists()]
     if existing and not force:
         raise click.ClickException(f"{', '.join(existing)} exist(s); pass --force to overwrite")
-    tls = BrokerTLS(pki.ca_cert, issued.cert, issued.key)
     try:
+        crl = pki.ensure_crl()  # a PKI directory from before revocation gets its (empty) CRL here
+        tls = BrokerTLS(pki.ca_cert, issued.cert, issued.key, crlfile=crl)
         user = run_as(issued.key)
-    except BrokerError as exc:
+        acl_text = acl_for(names)
+    except (BrokerError, CertError) as exc:
         raise click.ClickException(str(exc)) from None
     out.mkdir(parents=True, exist_ok=True)
-    acl.write_text(acl_for(names))
+    acl.write_text(acl_text)
     conf.write_text(mosquitto_config(host=host, port=port, persistence_dir=out, log_dest="stdout", tls=tls,
                                      acl_file=acl, run_as=user))
     click.echo(f"wrote {conf} and {acl} ({len(names)} site(s); Mosquitto runs as {user}, the owner of {issued.key})")
+    if crl is None:
+        click.echo(f"no CRL in {pki_dir} and no CA key to sign one: the broker checks no revocations (copy crl.pem "
+                   "there from the CA's PKI directory and run this again)")
+    else:
+        click.echo(f"revocations: {crl} (restart the broker after `fedsilo certs revoke`)")
     click.echo(f"start it with: mosquitto -c {conf}")
     sys.stdout.flush()

@@ -39,12 +39,17 @@ def aggregator() -> None:
               help="Aggregator YAML config (defaults apply for everything left out).")
 def aggregator_serve(config_path: Path | None) -> None:
     """Serve the API, run the round engine and expose /metrics. SIGTERM or SIGINT stops it cleanly."""
+    from aggregator.auth import OperatorsFileError
     from aggregator.config import AggregatorConfig
+    from aggregator.revocation import RevocationError
     from aggregator.service import serve
 
     cfg = AggregatorConfig.load(config_path)
     logs.configure(cfg.log_json, os.environ.get("FEDSILO_LOG_LEVEL", "INFO"))
-    serve(cfg)
+    try:
+        serve(cfg)
+    except (RevocationError, OperatorsFileError) as exc:  # a bad CRL or operators file: one line, nothing started
+        raise click.ClickException(str(exc)) from None
     exit_now(0)
 
 
