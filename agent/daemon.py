@@ -34,6 +34,7 @@ from federation import topics
 from federation.messages import JobOffer, SiteStatus, canonical_json
 from federation.mqtt import MqttLink
 from federation.signing import load_public_key
+from federation.yamlfile import ConfigFileError
 
 __all__ = ["ActiveJob", "Agent", "StartupError", "load_data", "run_agent"]
 log = structlog.get_logger(__name__)
@@ -50,9 +51,12 @@ class Agent:
         self.site = cfg.site
         try:
             self.policy = SitePolicy.load(cfg.policy_file)
+        except ConfigFileError as exc:
+            raise StartupError(str(exc)) from None
+        try:
             public_key = load_public_key(cfg.aggregator_public_key)
         except (OSError, ValueError) as exc:
-            raise StartupError(f"cannot load the policy or the aggregator's public key: {exc}") from exc
+            raise StartupError(f"cannot load the aggregator's public key {cfg.aggregator_public_key}: {exc}") from None
         if self.policy.site != self.site:
             raise StartupError(f"policy {cfg.policy_file} is for site {self.policy.site!r}, not {self.site!r}")
         broker = cfg.broker if cfg.broker.tls is not None else cfg.broker.model_copy(update={"tls": cfg.tls})

@@ -24,7 +24,7 @@ from agent.trainer import train_round
 from federation.faults import failpoint
 from federation.jobs import JobSpec
 from federation.messages import EvalMetrics, EvaluationReport, RoundTask
-from federation.models import build_model, check_layout, get_weights, set_weights
+from federation.models import build_model, check_layout, count_parameters, get_weights, set_weights
 from federation.tensors import decode
 
 log = structlog.get_logger(__name__)
@@ -71,6 +71,10 @@ class Rounds:
     async def _global_model(self, task: RoundTask, spec: JobSpec) -> torch.nn.Module:
         assert task.model_sha256 is not None
         sha = task.model_sha256
+        n = count_parameters(spec.model.name, spec.features.input_dim(), spec.model.hidden)
+        if n > self._s.policy.models.max_parameters:  # a job accepted under an earlier, looser policy
+            raise ValueError(f"the job's model has {n} parameters, above this site's maximum "
+                             f"{self._s.policy.models.max_parameters}; not built")
         body = await self._retrying(lambda: self._s.gate.fetch_model(sha), task)
         model = build_model(spec.model.name, spec.features.input_dim(), spec.model.hidden)
         weights = decode(body)

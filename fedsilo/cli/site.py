@@ -76,14 +76,13 @@ def policy() -> None:
 @click.argument("policy_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def policy_check(policy_file: Path) -> None:
     """Validate a site policy and print what it allows in plain words."""
-    from pydantic import ValidationError
-
     from agent.policy import SitePolicy, describe
+    from federation.yamlfile import ConfigFileError
 
     try:
         p = SitePolicy.load(policy_file)
-    except (ValidationError, ValueError) as exc:
-        raise click.ClickException(f"{policy_file} is not a valid policy:\n{exc}") from None
+    except ConfigFileError as exc:
+        raise click.ClickException(f"not a valid policy: {exc}") from None
     for line in describe(p):
         click.echo(line)
 
@@ -97,9 +96,14 @@ def policy_explain(policy_file: Path, job_file: Path, spent: float) -> None:
     from agent.daemon import load_data
     from agent.policy import SitePolicy, evaluate
     from federation.jobs import JobSpec
+    from federation.yamlfile import ConfigFileError, read_text
 
-    p = SitePolicy.load(policy_file)
-    spec = JobSpec.from_yaml(job_file.read_text())
+    p = SitePolicy.load(policy_file)  # a policy that does not load: one line (`_Main`), exit 1
+    try:
+        spec = JobSpec.from_yaml(read_text(job_file), str(job_file))
+    except ConfigFileError as exc:  # no agent would run it: its offer would not even parse
+        click.echo(f"REFUSE: {p.site} would refuse this job: {exc}")
+        sys.exit(1)
     decision, _ = evaluate(p, spec, p.site, endpoints=[], spent={spec.privacy.unit: spent}, active_jobs=0,
                            load=load_data)
     eps = "none (no noise)" if decision.epsilon_planned is None else \
