@@ -17,10 +17,10 @@ import torch
 from agent.data import SiteData
 from agent.egress import EgressRefusedError, UploadRejectedError
 from agent.offers import Offers
-from agent.privacy import BudgetExhaustedError, PrivatizedUpdate, budget_window_start
+from agent.privacy import BudgetExhaustedError, PrivatizedUpdate, RoundLateError, budget_window_start
 from agent.site import ActiveJob, Site
+from agent.trainer import TrainingStoppedError, train_round
 from agent.trainer import evaluate as evaluate_model
-from agent.trainer import train_round
 from federation.faults import failpoint
 from federation.jobs import JobSpec
 from federation.messages import EvalMetrics, EvaluationReport, RoundTask
@@ -100,10 +100,22 @@ class Rounds:
                 s.stop_job(task.job_id, f"round {task.round} is past the job's plan of {job.spec.rounds} rounds "
                            "that this site accepted and budgeted for")
                 return
+            if task.deadline is not None and time.time() > task.deadline:
+                self._not_released(task, "late", f"round {task.round}'s deadline passed before training began: "
+                                   "nothing was trained, released or charged")
+                return
             try:
                 pending = await self._privatized_round(task, job)
             except BudgetExhaustedError as exc:
                 s.stop_job(task.job_id, str(exc))
+                return
+            except RoundLateError as exc:
+                self._not_released(task, "late", str(exc))
+                return
+            except TrainingStoppedError as exc:
+                self._not_released(task, "stopped", f"round {task.round}'s local training reached the round's "
+                                   f"deadline or this site's limit of {s.policy.compute.max_round_seconds:g} s and was "
+                                   f"{exc}: nothing was released or charged")
                 return
             except Exception as exc:  # a bad model, a library error: report it, keep the daemon up
                 log.exception("round_failed", reason=str(exc))
@@ -114,21 +126,35 @@ class Rounds:
         failpoint("released_before_upload")
         await self._upload(task, pending)
 
+    def _not_released(self, task: RoundTask, why: str, reason: str) -> None:
+        """A round whose update will never be sent: counted, logged, audited, and the aggregator told why."""
+        s = self._s
+        s.metrics.rounds_not_released.labels(why).inc()
+        log.warning("round_not_released", why=why, reason=reason)
+        s.log_audit("round_not_released", job_id=task.job_id, round=task.round, why=why, reason=reason,
+                    deadline=task.deadline)
+        s.event(task.job_id, "error", [reason], round=task.round)
+
     async def _privatized_round(self, task: RoundTask, job: ActiveJob) -> PrivatizedUpdate:
         s, spec = self._s, job.spec
+        started = time.time()
         model = await self._global_model(task, spec)
         before = get_weights(model)
         evaluation = self._metrics(model, spec, job.data)
         t0 = time.perf_counter()
+        # Training stops at the round's deadline or after the site's own limit, whichever comes first.
+        stop_at = started + s.policy.compute.max_round_seconds
+        if task.deadline is not None:
+            stop_at = min(stop_at, task.deadline)
         train_loss = await asyncio.to_thread(train_round, model, spec, job.data, job.plan, s.policy.trainers,
-                                             s.name, task.round)
+                                             s.name, task.round, stop_at)
         after = get_weights(model)
         delta = {k: after[k] - before[k] for k in before}
         budget = s.policy.privacy.budgets[spec.dataset.name]
         update = s.privacy.privatize(
             s.name, task.job_id, task.round, spec, job.plan, delta, job.data.n_train, evaluation, train_loss,
             budget=budget, budget_since=budget_window_start(budget.reset_period_days),
-            share_tracking=s.policy.egress.share_tracking,
+            share_tracking=s.policy.egress.share_tracking, release_by=task.deadline,
         )
         s.metrics.rounds_trained.inc()
         s.update_budget_gauges(spec.dataset.name)
