@@ -23,6 +23,7 @@ from agent.audit import AuditLog
 from agent.config import AgentConfig
 from agent.egress import EgressGate
 from agent.offers import Offers
+from agent.offsite import OffsiteText
 from agent.policy import SitePolicy, endpoint_of
 from agent.privacy import PrivacyEngine
 from agent.rounds import Rounds
@@ -78,7 +79,8 @@ class Agent:
         )
         self.metrics = AgentMetrics()
         gate = EgressGate(self.site, str(cfg.aggregator_url), cfg.tls, self._link, self.policy.egress, audit,
-                          on_refusal=lambda what: self.metrics.egress_refused.labels(what).inc())
+                          on_refusal=lambda what: self.metrics.egress_refused.labels(what).inc(),
+                          offsite=OffsiteText({n: ds.path for n, ds in self.policy.datasets.items()}))
         self._site = Site(cfg, self.policy, state, audit, gate, self.metrics, PrivacyEngine(state), self.endpoints)
         self._offers = Offers(self._site)
         self._rounds = Rounds(self._site, self._offers)
@@ -122,7 +124,7 @@ class Agent:
     def _publish_status(self) -> None:
         self._site.gate.publish_status(
             SiteStatus(site=self.site, state="online", at=time.time(), active_jobs=sorted(self._site.jobs),
-                       version=VERSION)
+                       version=VERSION, **self._site.audit_head())
         )
 
     async def _heartbeat(self) -> None:

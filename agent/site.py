@@ -18,6 +18,7 @@ from agent.privacy import PrivacyEngine, budget_window_start
 from agent.privacy_policy import SitePrivacy, per_unit
 from agent.state import AgentState
 from agent.status_server import AgentMetrics
+from federation.bounds import MAX_REASONS, MAX_TEXT
 from federation.jobs import JobSpec
 from federation.messages import SiteEvent
 
@@ -57,8 +58,16 @@ class Site:
         self.state.set_audit_head(*self.audit.head)
 
     def event(self, job_id: str, kind: str, reasons: list[str], **extra: Any) -> None:
+        """Answer the aggregator about a job. Reasons are cut to what the wire allows (the audit keeps them whole)
+        and leave through the gate, which names datasets by id instead of by path."""
+        short = [r if len(r) <= MAX_TEXT else r[: MAX_TEXT - 1] + "…" for r in reasons[:MAX_REASONS]]
         self.gate.publish_event(SiteEvent(site=self.name, job_id=job_id, kind=kind,  # type: ignore[arg-type]
-                                          reasons=reasons, at=time.time(), **extra))
+                                          reasons=short, at=time.time(), **self.audit_head(), **extra))
+
+    def audit_head(self) -> dict[str, Any]:
+        """The audit chain's head, carried in every status and event so the aggregator keeps a copy of it."""
+        seq, head = self.audit.head
+        return {"audit_seq": seq, "audit_head": head}
 
     def stop_job(self, job_id: str, reason: str) -> None:
         log.warning("job_stopped", job=job_id, reason=reason)

@@ -138,13 +138,16 @@ def audit() -> None:
 @click.argument("log_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--state", "state_db", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The agent's agent.db, to also detect entries cut off the end.")
-def audit_verify(log_file: Path, state_db: Path | None) -> None:
+@click.option("--aggregator-head", "recorded",
+              help="The head the aggregator recorded for this site (GET /api/v1/sites/SITE/audit-head): its sha256, "
+                   "SEQ:SHA256, or a file holding that JSON answer. Detects a chain rewritten and re-chained here.")
+def audit_verify(log_file: Path, state_db: Path | None, recorded: str | None) -> None:
     """Verify the chain: any edited, reordered or deleted entry is reported."""
     from agent.audit import verify
     from agent.state import AgentState
 
     head = AgentState(state_db).audit_head() if state_db else None
-    result = verify(log_file, head)
+    result = verify(log_file, head, _recorded_head(recorded) if recorded else None)
     if result.ok:
         click.echo(f"OK: {result.entries} entries, chain intact")
         return
@@ -152,3 +155,22 @@ def audit_verify(log_file: Path, state_db: Path | None) -> None:
     for p in result.problems:
         click.echo(f"  - {p}", err=True)
     sys.exit(1)
+
+
+def _recorded_head(value: str) -> tuple[int | None, str]:
+    """`--aggregator-head`: a sha256, SEQ:SHA256, or a file with the API's JSON answer."""
+    import json
+    import re
+
+    text = value.strip()
+    if not re.fullmatch(r"(\d+:)?[0-9a-f]{64}", text):
+        try:
+            answer = json.loads(Path(text).read_text())
+            text = f"{int(answer['seq'])}:{answer['sha256']}"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise click.BadParameter(f"expected a sha256, SEQ:SHA256 or a file with the aggregator's JSON answer "
+                                     f"({exc.__class__.__name__}: {exc})", param_hint="--aggregator-head") from None
+    seq, _, digest = text.rpartition(":")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise click.BadParameter("the sha256 must be 64 lowercase hex digits", param_hint="--aggregator-head")
+    return (int(seq) if seq else None), digest
