@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -46,6 +47,12 @@ class UniqueKeyLoader(yaml.SafeLoader):
                                        key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 reads `1e-5` as a number; PyYAML (YAML 1.1) reads it as text unless it has a dot (`1.0e-5`). Helm writes
+# `1e-05`, and people write `delta: 1e-5`: under strict types that would be refused as "not a number".
+UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"), list("-+0123456789"))
 
 
 def load_yaml(text: str, source: str) -> Any:

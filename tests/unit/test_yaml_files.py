@@ -98,3 +98,11 @@ def test_agent_start_prints_one_line_and_no_traceback(tmp_path: Path, config: st
                          env={**os.environ, "FEDSILO_LOG_LEVEL": "CRITICAL"})
     assert out.returncode != 0 and expected in out.stderr, out.stderr
     assert "Traceback" not in out.stderr and out.stderr.strip().count("\n") == 0, out.stderr
+
+
+def test_exponent_floats_read_as_numbers_as_in_yaml_1_2(tmp_path: Path) -> None:
+    """PyYAML reads `1e-5` as text; under strict types a policy written so (or rendered by Helm) would not load."""
+    text = POLICY.replace("delta: 1.0e-5, reset_period_days", "delta: 1e-5, reset_period_days")
+    assert "delta: 1e-5," in text
+    policy = SitePolicy.load(write(tmp_path, "policy.yaml", text))
+    assert policy.privacy.budgets["heart-disease"].delta == 1e-5
