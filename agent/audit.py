@@ -2,6 +2,11 @@
 of its egress gate. Each entry carries the hash of the previous one, so an edited, reordered or deleted
 entry breaks the chain (`fedsilo audit verify`); the count and head hash also live in the agent's state
 database, which catches a truncated tail.
+
+Both are on the hospital's own disks: an administrator who rewrites an entry, re-chains every entry after it and
+updates the state database gets a log that verifies. So the agent also carries the head in every status and event it
+sends; the aggregator keeps the latest (`GET /api/v1/sites/{site}/audit-head`), and a chain rewritten at or before
+that entry no longer contains it (`fedsilo audit verify --aggregator-head`).
 """
 
 from __future__ import annotations
@@ -61,8 +66,10 @@ class Verification:
     problems: list[str]
 
 
-def verify(path: Path, expected_head: tuple[int, str] | None = None) -> Verification:
-    """Check the chain; with `expected_head` (from the state database) also catch a cut-off tail."""
+def verify(path: Path, expected_head: tuple[int, str] | None = None,
+           recorded: tuple[int | None, str] | None = None) -> Verification:
+    """Check the chain; with `expected_head` (from the state database) also catch a cut-off tail; with `recorded`
+    (the head the aggregator keeps: entry count, when known, and hash) catch a chain rewritten and re-chained."""
     problems: list[str] = []
     prev, seq = GENESIS, 0
     try:
@@ -80,4 +87,23 @@ def verify(path: Path, expected_head: tuple[int, str] | None = None) -> Verifica
     if expected_head is not None and (seq, prev) != expected_head:
         problems.append(f"the log ends at entry {seq}, but the agent recorded {expected_head[0]} entries "
                         "(entries were removed from the end)")
+    if recorded is not None:
+        problems.extend(_against_recorded(entries, *recorded))
     return Verification(not problems, len(entries), problems)
+
+
+def _against_recorded(entries: list[dict[str, Any]], seq: int | None, digest: str) -> list[str]:
+    if digest == GENESIS and seq in (None, 0):
+        return []
+    hashes = {e.get("hash"): e.get("seq") for e in entries}
+    if seq is None:
+        return [] if digest in hashes else [
+            f"no entry has the hash the aggregator recorded ({digest[:16]}…): the chain was rewritten"]
+    at = next((e for e in entries if e.get("seq") == seq), None)
+    if at is None:
+        return [f"the aggregator recorded entry {seq} ({digest[:16]}…), but this log has no entry {seq} "
+                "(entries were removed)"]
+    if at.get("hash") != digest:
+        return [f"entry {seq} has hash {str(at.get('hash'))[:16]}…, but the aggregator recorded {digest[:16]}… for it "
+                "(the chain was rewritten and re-chained)"]
+    return []

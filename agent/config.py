@@ -4,14 +4,13 @@ signature it trusts. What the site allows lives in the policy file, not here."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-import yaml
 from pydantic import AnyHttpUrl, Field
 
 from federation.jobs import SiteName
 from federation.schema import Frozen
 from federation.transport import BrokerConfig, TLSConfig
+from federation.yamlfile import validate_file
 
 
 class AgentConfig(Frozen):
@@ -48,5 +47,6 @@ class AgentConfig(Frozen):
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
-        data: Any = yaml.safe_load(path.read_text()) or {}
-        return cls.model_validate(data)
+        """Read the config file: duplicate keys refused, strict types; any problem raises `ConfigFileError`, one
+        line naming the file and line."""
+        return validate_file(cls, path, "agent config", strict=True)

@@ -13,6 +13,7 @@ The site's plan (σ, sampling rate, steps) is `agent.record_plan.RecordPlan`.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from agent.record_plan import RecordPlan
+from agent.trainer import TrainingStoppedError
 from federation import noise
 from federation.jobs import Hyperparameters, JobSpec
 
@@ -44,11 +46,13 @@ def _optimizer(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
                            momentum=hp.momentum)
 
 
-def train_dpsgd(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: JobSpec, plan: RecordPlan) -> float:
+def train_dpsgd(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: JobSpec, plan: RecordPlan,
+                should_stop: Callable[[], bool] | None = None) -> float:
     """One round of DP-SGD on this site's records, in place; returns the mean loss of the non-empty batches.
 
     Every one of the plan's steps is taken, an empty Poisson sample included (its update is noise alone): skipping
-    it would reveal that the sample was empty, and the accountant counts every step."""
+    it would reveal that the sample was empty, and the accountant counts every step. `should_stop` is asked before
+    each step: when it says so, `TrainingStoppedError` is raised and nothing of the round may be released."""
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).float()
     model.train()  # Opacus refuses a module in eval mode
     with warnings.catch_warnings():
@@ -64,16 +68,18 @@ def train_dpsgd(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: JobSpec, p
         # torch notes that Opacus's backward hooks fire on a module whose inputs need no gradient: expected here.
         warnings.simplefilter("ignore", UserWarning)
         try:
-            _steps(private, opt, xt, yt, plan, losses)
+            _steps(private, opt, xt, yt, plan, losses, should_stop)
         finally:
             private._close()  # remove Opacus's hooks and per-example gradients: the model is a plain module again
     return float(np.mean(losses)) if losses else 0.0
 
 
 def _steps(private: GradSampleModule, opt: DPOptimizer, xt: torch.Tensor, yt: torch.Tensor, plan: RecordPlan,
-           losses: list[float]) -> None:
+           losses: list[float], should_stop: Callable[[], bool] | None) -> None:
     loss_fn = nn.BCEWithLogitsLoss()
-    for _ in range(plan.steps_per_round):
+    for step in range(plan.steps_per_round):
+        if should_stop is not None and should_stop():
+            raise TrainingStoppedError(f"stopped after {step} of {plan.steps_per_round} DP-SGD steps")
         idx = torch.from_numpy(noise.poisson_sample(plan.records, plan.sampling_rate))
         opt.zero_grad(set_to_none=True)
         if len(idx) == 0:

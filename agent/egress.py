@@ -3,7 +3,8 @@
 HTTP goes only to the configured aggregator, over mutual TLS, and only if its host:port is on the policy's
 allowlist; uploads must be `PrivatizedUpdate`s made by the privacy engine and fit the per-round size limit;
 metrics leave only if the policy allows each one and they aggregate at least `min_records_per_metric`
-records. MQTT carries only this site's status and job answers. Every refusal is audited.
+records. MQTT carries only this site's status and job answers, whose reasons name datasets by id, never by a local
+path (`agent.offsite`). Every refusal is audited.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import aiohttp
 import structlog
 
 from agent.audit import AuditLog
+from agent.offsite import OffsiteText
 from agent.policy import EgressPolicy, endpoint_of
 from agent.privacy import PrivatizedUpdate
 from federation import topics
@@ -54,6 +56,7 @@ class EgressGate:
         self, site: str, aggregator_url: str, tls: TLSConfig, link: MqttLink, policy: EgressPolicy,
         audit: AuditLog,
         on_refusal: Callable[[str], None] | None = None,
+        offsite: Callable[[str], str] | None = None,
     ) -> None:
         self._site = site
         self._base = aggregator_url.rstrip("/")
@@ -63,6 +66,7 @@ class EgressGate:
         self._policy = policy
         self._audit = audit
         self._on_refusal = on_refusal
+        self._offsite = offsite or OffsiteText({})
         self._session: aiohttp.ClientSession | None = None
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -91,6 +95,9 @@ class EgressGate:
     def publish_event(self, event: SiteEvent) -> None:
         if event.site != self._site:
             raise self._refuse("event", "event for another site", claimed=event.site)
+        reasons = [self._offsite(r) for r in event.reasons]
+        if reasons != event.reasons:
+            event = event.model_copy(update={"reasons": reasons})
         self._link.publish(topics.events(self._site), canonical_json(event))
 
     # ---------------------------------------------------------------- checks

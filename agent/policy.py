@@ -10,20 +10,22 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import Field, field_validator
 
+from agent.compute_policy import ComputePolicy, time_refusals, work_refusals
 from agent.data import DataError, SiteData
 from agent.fedml_adapter import TrainerRegistration, trainer_refusals
 from agent.privacy_policy import BudgetPolicy, PerUnit, PrivacyPolicy, SitePrivacy, per_unit, privacy_refusals
 from federation.jobs import UNIT_WORDS, JobSpec
 from federation.models import count_parameters
 from federation.schema import Frozen
+from federation.yamlfile import validate_file
 
-__all__ = ["BudgetPolicy", "DatasetPolicy", "Decision", "PrivacyPolicy", "SitePolicy", "describe", "evaluate"]
+__all__ = ["BudgetPolicy", "ComputePolicy", "DatasetPolicy", "Decision", "PrivacyPolicy", "SitePolicy", "describe",
+           "evaluate"]
 
 # Metrics the agent knows how to compute as aggregates over its validation records. Nothing else can be
 # requested as a metric, whatever a policy lists.
@@ -38,7 +40,11 @@ class DatasetPolicy(Frozen):
     format: Literal["csv"] = "csv"
     allowed_columns: list[str] = Field(min_length=1, description="Feature columns a job may use")
     target: str = Field(description="The only column a job may use as its target")
-    min_cohort: int = Field(default=50, ge=1, description="Fewest records with a target a job may train on")
+    min_cohort: int = Field(default=50, ge=1, description="Fewest records a job may train on: the training split "
+                                                          "alone, after the job's validation rows are held out")
+    max_validation_fraction: float = Field(default=0.5, gt=0, le=0.5,
+                                           description="Largest share of the records a job may hold out for "
+                                                       "validation (jobs allow at most 0.5)")
     allowed_purposes: list[str] = Field(min_length=1)
 
 
@@ -83,16 +89,17 @@ class SitePolicy(Frozen):
     egress: EgressPolicy
     models: ModelPolicy
     operations: OperationsPolicy = OperationsPolicy()
+    compute: ComputePolicy = Field(default_factory=ComputePolicy,
+                                   description="What one job may cost this site per round, checked before accepting")
     trainers: dict[str, TrainerRegistration] = Field(
         default_factory=dict, description="Local trainers installed on this site (e.g. FedML ClientTrainers) that a "
                                           "job may name; pinned by the sha256 of their source. Empty: none")
 
     @classmethod
     def load(cls, path: Path) -> SitePolicy:
-        data: Any = yaml.safe_load(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: a policy must be a YAML mapping")
-        policy = cls.model_validate(data)
+        """Read a policy file: duplicate keys refused, strict types (`min_cohort: true` is not 1); any problem
+        raises `ConfigFileError`, one line naming the file and line."""
+        policy = validate_file(cls, path, "site policy", strict=True)
         datasets = {
             name: ds.model_copy(update={"path": (path.parent / ds.path).resolve()}) if not ds.path.is_absolute() else ds
             for name, ds in policy.datasets.items()
@@ -144,8 +151,8 @@ def evaluate(
     """Every reason `spec` is not allowed here, and the site's data when it may be read.
 
     `spent` is the ε already spent or reserved on the job's dataset, per unit. Data is read (only the allowed
-    columns) only once the dataset, purpose and columns have passed, since the cohort size and the record-level
-    plan depend on it.
+    columns) only once every check the spec alone decides has passed (dataset, purpose, columns, model size, round
+    time), since the cohort size, the work per round and the record-level plan depend on it.
     """
     d = Decision(unit=spec.privacy.unit, before=dict(spent))
     r = d.reasons
@@ -164,15 +171,23 @@ def evaluate(
             r.append(f"column(s) not allowed: {extra}")
         if spec.features.target.column != ds.target:
             r.append(f"target {spec.features.target.column!r} is not the allowed target {ds.target!r}")
-        if not r:
-            try:
-                data = load(ds, spec)
-            except DataError as exc:
-                r.append(str(exc))
-            else:
-                if data.n_train + data.n_val < ds.min_cohort:
-                    r.append(f"cohort of {data.n_train + data.n_val} records is below this site's minimum "
-                             f"{ds.min_cohort}")
+        if spec.dataset.validation_fraction > ds.max_validation_fraction:
+            r.append(f"validation_fraction {spec.dataset.validation_fraction:g} is above this site's maximum "
+                     f"{ds.max_validation_fraction:g} for {spec.dataset.name!r}")
+    r.extend(_model_refusals(policy, spec))  # from the spec alone: nothing is built, and no data is read for it
+    r.extend(time_refusals(policy.compute, spec))
+    if ds is not None and not r:
+        try:
+            data = load(ds, spec)
+        except DataError as exc:
+            r.append(str(exc))
+        else:
+            if data.n_train < ds.min_cohort:
+                r.append(f"the job would train on {data.n_train} records ({data.n_val} of "
+                         f"{data.n_train + data.n_val} held out by validation_fraction "
+                         f"{spec.dataset.validation_fraction:g}), below this site's minimum cohort of "
+                         f"{ds.min_cohort} training records")
+            r.extend(work_refusals(policy.compute, spec, data.n_train))
     refusals, d.plan = privacy_refusals(spec, policy.privacy, data.n_train if data is not None else None, spent,
                                         spec.dataset.name)
     r.extend(refusals)
@@ -185,21 +200,25 @@ def evaluate(
     if bad_metrics:
         r.append(f"metric(s) not allowed to leave: {bad_metrics} "
                  f"(allowed: {', '.join(policy.egress.allowed_metrics)})")
-    if spec.model.name not in policy.models.allowed:
-        r.append(f"model {spec.model.name!r} is not allowed (allowed: {', '.join(policy.models.allowed)})")
-    else:
-        n = count_parameters(spec.model.name, spec.features.input_dim(), spec.model.hidden)  # nothing built
-        if n > policy.models.max_parameters:
-            r.append(f"model has {n} parameters, above this site's maximum {policy.models.max_parameters}")
-        if n * 4 + 1024 > policy.egress.max_upload_bytes_per_round:
-            r.append(f"an update of {n} float32 parameters exceeds the upload limit "
-                     f"{policy.egress.max_upload_bytes_per_round} bytes per round")
     r.extend(trainer_refusals(policy.trainers, spec))
     if active_jobs >= policy.operations.max_concurrent_jobs:
         r.append(f"already running {active_jobs} job(s); this site allows {policy.operations.max_concurrent_jobs}")
     if not in_training_window(policy.operations, now or dt.datetime.now(dt.UTC)):
         r.append("outside this site's training windows")
     return d, (data if d.accepted else None)
+
+
+def _model_refusals(policy: SitePolicy, spec: JobSpec) -> list[str]:
+    if spec.model.name not in policy.models.allowed:
+        return [f"model {spec.model.name!r} is not allowed (allowed: {', '.join(policy.models.allowed)})"]
+    r = []
+    n = count_parameters(spec.model.name, spec.features.input_dim(), spec.model.hidden)  # arithmetic, nothing built
+    if n > policy.models.max_parameters:
+        r.append(f"model has {n} parameters, above this site's maximum {policy.models.max_parameters}")
+    if n * 4 + 1024 > policy.egress.max_upload_bytes_per_round:
+        r.append(f"an update of {n} float32 parameters exceeds the upload limit "
+                 f"{policy.egress.max_upload_bytes_per_round} bytes per round")
+    return r
 
 
 def in_training_window(ops: OperationsPolicy, now: dt.datetime) -> bool:
@@ -215,7 +234,9 @@ def describe(policy: SitePolicy) -> list[str]:
     out = [f"Site {policy.site} allows only what follows; everything else is refused."]
     for name, ds in policy.datasets.items():
         out.append(f"Dataset {name!r}: {ds.path} ({ds.format}); columns {', '.join(ds.allowed_columns)}; target "
-                   f"{ds.target!r}; at least {ds.min_cohort} records; purposes: {', '.join(ds.allowed_purposes)}.")
+                   f"{ds.target!r}; at least {ds.min_cohort} training records, at most "
+                   f"{ds.max_validation_fraction:g} held out for validation; "
+                   f"purposes: {', '.join(ds.allowed_purposes)}.")
     pp = policy.privacy
     units = ", ".join(f"{u} ({UNIT_WORDS[u]})" for u in pp.allowed_units)
     required = f"; always applies {', '.join(pp.required_units)}-level DP too" if pp.required_units else ""
@@ -238,6 +259,9 @@ def describe(policy: SitePolicy) -> list[str]:
     windows = "any time" if not ops.training_windows else "; ".join(
         f"{','.join(w.days)} {w.start}-{w.end} UTC" for w in ops.training_windows)
     out.append(f"Operations: at most {ops.max_concurrent_jobs} concurrent job(s); training {windows}.")
+    c = policy.compute
+    out.append(f"Compute per round: at most {c.max_local_steps_per_round} optimizer steps, {c.max_examples_per_round} "
+               f"training examples and {c.max_round_seconds:g} s.")
     for name, t in policy.trainers.items():
         out.append(f"Trainer {name!r}: {t.import_path} (source sha256 {t.source_sha256[:12]}…), for models "
                    f"{', '.join(t.models)} on {', '.join(t.datasets)}.")

@@ -32,6 +32,11 @@ class BudgetExhaustedError(RuntimeError):
     """Releasing this round would take the dataset past its privacy budget."""
 
 
+class RoundLateError(RuntimeError):
+    """The round's deadline passed before its update could be released: it is not released, so not charged (the
+    aggregator would refuse it as late, and ε spent on an update nobody uses is privacy lost for nothing)."""
+
+
 def budget_window_start(reset_period_days: int | None, now: float | None = None) -> float:
     return 0.0 if reset_period_days is None else (now or time.time()) - reset_period_days * DAY
 
@@ -54,13 +59,18 @@ class PrivacyEngine:
     def privatize(
         self, site: str, job_id: str, rnd: int, spec: JobSpec, plan: SitePrivacy, delta: Weights, num_samples: int,
         evaluation: EvalMetrics | None, train_loss: float, budget: BudgetPolicy, budget_since: float = 0.0,
-        share_tracking: bool = True,
+        share_tracking: bool = True, release_by: float | None = None,
     ) -> PrivatizedUpdate:
         """Clip (and noise, for the site unit), account and log one round's update. `budget` is the dataset's
         (per period starting at `budget_since`); a release that would exceed it in any unit raises
-        `BudgetExhaustedError`."""
+        `BudgetExhaustedError`. Past `release_by` (the round's deadline, a `time.time()`) nothing is released or
+        charged: `RoundLateError`."""
         if self._state.release(job_id, rnd) is not None:
             raise AlreadyReleasedError(f"round {rnd} of job {job_id} already released an update")
+        now = time.time()
+        if release_by is not None and now > release_by:
+            raise RoundLateError(f"round {rnd} finished {now - release_by:.1f} s after its deadline: its update was "
+                                 "not released and no ε was charged")
         eps = plan.epsilon(self._state.releases_for(job_id) + 1)
         for unit, e in eps.items():
             total = per_unit(budget.epsilon, unit)

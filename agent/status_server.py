@@ -17,6 +17,11 @@ class AgentMetrics:
         r = self.registry = CollectorRegistry()
         self.jobs_decided = Counter("fedsilo_agent_job_decisions", "Job offers decided.", ["decision"], registry=r)
         self.rounds_trained = Counter("fedsilo_agent_rounds_trained", "Rounds trained and privatized.", registry=r)
+        # `reason`: late (the round's deadline passed before release) or stopped (training hit the deadline or the
+        # site's max_round_seconds). Nothing was released or charged for these.
+        self.rounds_not_released = Counter("fedsilo_agent_rounds_not_released",
+                                           "Rounds whose update was not released (nor charged): too late.",
+                                           ["reason"], registry=r)
         self.updates_sent = Counter("fedsilo_agent_updates_sent", "Updates acknowledged by the aggregator.",
                                     registry=r)
         self.messages_refused = Counter("fedsilo_agent_messages_refused",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -19,6 +21,11 @@ if TYPE_CHECKING:
     from agent.privacy_policy import SitePrivacy
 
 
+class TrainingStoppedError(Exception):
+    """Local training was stopped before it finished (the round's deadline or the site's time limit came first):
+    its result is never released, so nothing is charged for it."""
+
+
 def round_seed(spec: JobSpec, site: str, rnd: int) -> int:
     """A reproducible seed for randomness no DP guarantee rests on (the shuffling of non-private training). The
     aggregator can compute it: DP-SGD's sampling and noise never use it (`federation.noise`)."""
@@ -28,10 +35,16 @@ def round_seed(spec: JobSpec, site: str, rnd: int) -> int:
 
 def train_round(
     model: nn.Module, spec: JobSpec, data: SiteData, plan: SitePrivacy, trainers: dict[str, TrainerRegistration],
-    site: str, rnd: int,
+    site: str, rnd: int, stop_at: float | None = None,
 ) -> float:
     """One round of local training as the job and the site's plan say: the site's registered trainer, DP-SGD for
-    the record unit, or plain minibatch SGD (shuffled reproducibly) for the site unit. Returns the mean loss."""
+    the record unit, or plain minibatch SGD (shuffled reproducibly) for the site unit. Returns the mean loss.
+
+    With `stop_at` (a `time.time()`), the built-in trainers raise `TrainingStoppedError` at their first step past
+    it; a registered trainer runs to its end, and its late result is refused by the privacy engine instead."""
+    def should_stop() -> bool:
+        return stop_at is not None and time.time() > stop_at
+
     if spec.trainer is not None:  # the site's registered trainer; its output is privatized like any other
         from agent.fedml_adapter import train_registered
 
@@ -39,9 +52,9 @@ def train_round(
     if plan.record is not None:
         from agent.dpsgd import train_dpsgd
 
-        return train_dpsgd(model, data.x_train, data.y_train, spec, plan.record)
+        return train_dpsgd(model, data.x_train, data.y_train, spec, plan.record, should_stop)
     return train_local(model, data.x_train, data.y_train, spec.hyperparameters, round_seed(spec, site, rnd),
-                       spec.aggregation_params.proximal_mu if spec.aggregation == "fedprox" else 0.0)
+                       spec.aggregation_params.proximal_mu if spec.aggregation == "fedprox" else 0.0, should_stop)
 
 
 def _optimizer(model: nn.Module, hp: Hyperparameters) -> torch.optim.Optimizer:
@@ -59,7 +72,8 @@ def proximal_term(model: nn.Module, anchor: list[torch.Tensor], mu: float) -> to
 
 
 def train_local(
-    model: nn.Module, x: np.ndarray, y: np.ndarray, hp: Hyperparameters, seed: int, proximal_mu: float = 0.0
+    model: nn.Module, x: np.ndarray, y: np.ndarray, hp: Hyperparameters, seed: int, proximal_mu: float = 0.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> float:
     """Minibatch training for `hp.epochs` passes (or `hp.max_steps` steps); returns the mean batch loss (without
     the proximal term, so that losses compare across strategies)."""
@@ -74,6 +88,8 @@ def train_local(
     for _ in range(hp.epochs):
         order = torch.randperm(len(xt), generator=gen)
         for start in range(0, len(xt), hp.batch_size):
+            if should_stop is not None and should_stop():
+                raise TrainingStoppedError(f"stopped after {steps} optimizer steps")
             idx = order[start : start + hp.batch_size]
             opt.zero_grad()
             loss = loss_fn(model(xt[idx]).squeeze(-1), yt[idx])

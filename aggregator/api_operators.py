@@ -157,6 +157,18 @@ async def sites(request: web.Request) -> web.Response:
     return json_response(await request.app[DB].read(lambda s: s.sites()))
 
 
+@routes.get("/api/v1/sites/{site}/audit-head")
+@operator("viewer")
+async def audit_head(request: web.Request) -> web.Response:
+    """The latest head of the site's audit chain the aggregator received (`aggregator.store.audit_heads`): give its
+    sha256 to `fedsilo audit verify --aggregator-head` at the site to detect a rewritten local chain."""
+    site = request.match_info["site"]
+    row = await request.app[DB].read(lambda s: s.audit_head(site))
+    if row is None:
+        return error(404, "unknown_site", "no audit head was received from this site")
+    return json_response(row)
+
+
 @routes.get("/api/v1/rejections")
 @operator("viewer")
 async def rejections(request: web.Request) -> web.Response:

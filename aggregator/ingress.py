@@ -121,6 +121,8 @@ class SiteInbox:
             return self._drop(site, kind, "malformed", one_line(exc))
         if msg.site != site:  # the broker's ACL ties a topic to one site; the payload must agree
             return self._drop(site, kind, "site_mismatch", f"the message claims {msg.site!r}")
+        if msg.audit_seq is not None and msg.audit_head is not None:
+            self._sites.on_audit_head(site, msg.audit_seq, msg.audit_head, now)
         if isinstance(msg, SiteStatus):
             self._sites.on_status(msg, received_at=now)
             return None

@@ -59,6 +59,11 @@ class AggregatorMetrics:
             "fedsilo_quarantined_rows", "Stored rows that failed their checks at start-up and were moved to the "
             "quarantine (their jobs fail with the reason).", ["table"], registry=r,
         )
+        self.audit_head_conflicts = Counter(
+            "fedsilo_audit_head_conflicts", "Audit-chain heads a site reported with the same entry count as one "
+            "recorded but another hash: its local audit log was rewritten (or two agents share its name).",
+            ["site"], registry=r,
+        )
         self.site_refusals = Counter(
             "fedsilo_job_refusals", "Job offers a site refused.", ["site"], registry=r
         )

@@ -30,11 +30,32 @@ class SiteRegistry:
         self._sites: dict[str, tuple[str, float, dict[str, Any]]] = {}
         self._dirty: set[str] = set()
         self._online = 0
+        # Each site's latest audit-chain head (seq, sha256, at), and conflicts counted since the last flush.
+        self._heads: dict[str, tuple[int, str, float]] = {}
+        self._head_conflicts: dict[str, int] = {}
+        self._heads_dirty: set[str] = set()
 
     async def load(self) -> None:
         for row in await self._db(self._db.store.sites):
             info = {k: v for k, v in row.items() if k not in ("site", "state", "at")}
             self._set(row["site"], row["state"], row["at"], info, dirty=False)
+        for head in await self._db(self._db.store.audit_heads):
+            self._heads[head["site"]] = (head["seq"], head["sha256"], head["at"])
+
+    def on_audit_head(self, site: str, seq: int, sha: str, at: float) -> None:
+        """A site's audit-chain head (in memory; flushed with the heartbeats). It only moves forward; the same entry
+        count with another hash is a conflict: counted, logged, and the first head kept
+        (`aggregator.store.audit_heads`)."""
+        known = self._heads.get(site)
+        if known is None or seq > known[0]:
+            self._heads[site] = (seq, sha, at)
+            self._heads_dirty.add(site)
+        elif seq == known[0] and sha != known[1]:
+            self._metrics.audit_head_conflicts.labels(site).inc()
+            if not self._head_conflicts.get(site):  # one line per site per flush, however often it is repeated
+                log.warning("audit_head_conflict", site=site, seq=seq, recorded=known[1], reported=sha)
+            self._head_conflicts[site] = self._head_conflicts.get(site, 0) + 1
+            self._heads_dirty.add(site)
 
     def on_status(self, status: SiteStatus, received_at: float | None = None) -> None:
         """A heartbeat, or the last will the broker publishes when an agent's connection drops."""
@@ -58,14 +79,29 @@ class SiteRegistry:
 
     async def flush(self) -> int:
         """Write every site that changed since the last flush; returns how many."""
+        written = await self._flush_heads()
         if not self._dirty:
-            return 0
+            return written
         rows = [(s, *self._sites[s]) for s in sorted(self._dirty)]
         self._dirty.clear()
         try:
             await self._db(self._db.store.upsert_sites, rows)
         except BaseException:
             self._dirty.update(r[0] for r in rows)  # written with the next flush
+            raise
+        return written + len(rows)
+
+    async def _flush_heads(self) -> int:
+        if not self._heads_dirty:
+            return 0
+        rows = [(s, *self._heads[s], self._head_conflicts.pop(s, 0)) for s in sorted(self._heads_dirty)]
+        self._heads_dirty.clear()
+        try:
+            await self._db(self._db.store.record_audit_heads, rows)
+        except BaseException:
+            for site, *_, conflicts in rows:
+                self._heads_dirty.add(site)
+                self._head_conflicts[site] = self._head_conflicts.get(site, 0) + conflicts
             raise
         return len(rows)
 

@@ -16,6 +16,7 @@ MAX_EPSILON = 1e6  # ε a site reports; far past any budget a policy would allow
 MAX_ROUND = 1_000_000  # far beyond any job (JobSpec.rounds ≤ 10,000)
 MAX_REASONS = 50  # reasons in one answer, each at most MAX_TEXT characters
 MAX_TEXT = 1000
+MAX_AUDIT_SEQ = 10**15  # entries in a site's audit log: far beyond any, far inside BIGINT
 
 
 def finite_in(value: float | None, low: float, high: float) -> bool:

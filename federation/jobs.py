@@ -6,13 +6,13 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import Field, field_validator, model_validator
 
 from federation.calibration import MAX_NOISE_MULTIPLIER
 from federation.models import registered_models
 from federation.privacy import calibrate_noise, epsilon_for
 from federation.schema import FeatureSchema, Frozen
+from federation.yamlfile import validate_text
 
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9\-]{0,62}$")  # also an MQTT topic level and a file name: no wildcards
 SiteName = Annotated[str, Field(pattern=SITE_NAME.pattern)]
@@ -138,7 +138,9 @@ class DataRef(Frozen):
     """Which dataset the job asks each site for, by the name the sites register it under."""
 
     name: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9_\-]{0,62}$")]
-    validation_fraction: float = Field(default=1 / 3, gt=0, lt=1)
+    # At most half: the rest is what a site trains on, and what its policy's `min_cohort` counts. (A job holding out
+    # 98% would train on a handful of records while the site's cohort check saw them all.)
+    validation_fraction: float = Field(default=1 / 3, gt=0, le=0.5)
     split_seed: int = 42
 
 
@@ -215,8 +217,7 @@ class JobSpec(Frozen):
         return self
 
     @classmethod
-    def from_yaml(cls, text: str) -> JobSpec:
-        data: Any = yaml.safe_load(text)
-        if not isinstance(data, dict):
-            raise ValueError("a job file must be a YAML mapping")
-        return cls.model_validate(data)
+    def from_yaml(cls, text: str, source: str = "job") -> JobSpec:
+        """A job from YAML: duplicate keys refused; any problem raises `ConfigFileError` (a ValueError), one line
+        naming `source` and the line."""
+        return validate_text(cls, text, source, "job")

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from federation.bounds import MAX_EPSILON, MAX_LOSS, MAX_REASONS, MAX_ROUND, MAX_SAMPLES, MAX_TEXT
+from federation.bounds import MAX_AUDIT_SEQ, MAX_EPSILON, MAX_LOSS, MAX_REASONS, MAX_ROUND, MAX_SAMPLES, MAX_TEXT
 from federation.jobs import JobSpec, SiteName, Unit
 from federation.schema import Frozen
 
@@ -69,7 +69,22 @@ class RoundTask(Frozen):
     nonce: Nonce
 
 
-class SiteStatus(SiteMessage):
+class AuditHeadCarrier(SiteMessage):
+    """The head of the site's hash-chained audit log when the message was sent (`agent.audit`): its entry count and
+    the hash of its last entry. The aggregator keeps the latest per site, outside the hospital's control, so that a
+    local chain rewritten afterwards no longer contains it (`fedsilo audit verify --aggregator-head`)."""
+
+    audit_seq: int | None = Field(default=None, ge=0, le=MAX_AUDIT_SEQ)
+    audit_head: Sha256 | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> AuditHeadCarrier:
+        if (self.audit_seq is None) != (self.audit_head is None):
+            raise ValueError("audit_seq and audit_head go together")
+        return self
+
+
+class SiteStatus(AuditHeadCarrier):
     """A heartbeat, or the last will. `at` is the sender's clock: the aggregator keeps its own receive time."""
 
     site: SiteName
@@ -79,7 +94,7 @@ class SiteStatus(SiteMessage):
     version: str = Field(default="", max_length=64)
 
 
-class SiteEvent(SiteMessage):
+class SiteEvent(AuditHeadCarrier):
     """An agent's answer about a job: accepted, refused (with every reason), or stopped mid-job."""
 
     site: SiteName

@@ -194,6 +194,17 @@ class StateStore(ABC):
         """Each site's decision on each job offered to it, newest first, with the job's state and the ε the
         site reported with its latest update in that job (None before its first update), in `epsilon_unit`."""
 
+    # audit heads (aggregator.store.audit_heads)
+    @abstractmethod
+    def record_audit_heads(self, rows: list[tuple[str, int, str, float, int]]) -> None:
+        """(site, seq, sha256, at, new conflicts) per site: a head only moves forward; conflicts add up."""
+
+    @abstractmethod
+    def audit_heads(self) -> list[dict[str, Any]]: ...
+
+    @abstractmethod
+    def audit_head(self, site: str) -> dict[str, Any] | None: ...
+
     # leases (aggregator.store.leases)
     @abstractmethod
     def db_now(self) -> float: ...

@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from aggregator.store import checks
+from aggregator.store.audit_heads import AuditHeadQueries
 from aggregator.store.base import JobRow, RoundRow, SiteDecision, StateStore, UpdateRow
 from aggregator.store.leases import Fence, LeaseQueries
 from aggregator.store.quarantine import QuarantineQueries
@@ -53,6 +54,9 @@ CREATE TABLE IF NOT EXISTS sites (
 CREATE TABLE IF NOT EXISTS leases (
   job_id TEXT PRIMARY KEY, holder TEXT NOT NULL, address TEXT NOT NULL, token BIGINT NOT NULL,
   expires_at DOUBLE PRECISION NOT NULL);
+CREATE TABLE IF NOT EXISTS audit_heads (
+  site TEXT PRIMARY KEY, seq BIGINT NOT NULL, sha256 TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
+  conflicts BIGINT NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS quarantine (
   id {serial} PRIMARY KEY, tbl TEXT NOT NULL, job_id TEXT, row_key TEXT NOT NULL, reason TEXT NOT NULL,
   row_json TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
@@ -63,7 +67,7 @@ _JOB_COLUMNS = "job_id, spec, state, round, model_sha, reason, created_at, updat
 Row = dict[str, Any]
 
 
-class SqlStore(LeaseQueries, QuarantineQueries, StateStore):
+class SqlStore(LeaseQueries, QuarantineQueries, AuditHeadQueries, StateStore):
     """The store in portable SQL (SQLite ≥ 3.24 and PostgreSQL both speak `ON CONFLICT`). Subclasses supply
     the connection, transactions and the placeholder style; every query is written once, here."""
 

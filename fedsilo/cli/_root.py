@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
+from federation.yamlfile import ConfigFileError
 from fedsilo.errors import FedsiloError
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ class _Main(click.Group):
         """A failure the message fully explains (unreachable aggregator, bad input, port in use...) is one line."""
         try:
             return super().invoke(ctx)
-        except FedsiloError as exc:
+        except (FedsiloError, ConfigFileError) as exc:
             raise click.ClickException(str(exc)) from None
 
 

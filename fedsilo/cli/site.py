@@ -76,14 +76,13 @@ def policy() -> None:
 @click.argument("policy_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 def policy_check(policy_file: Path) -> None:
     """Validate a site policy and print what it allows in plain words."""
-    from pydantic import ValidationError
-
     from agent.policy import SitePolicy, describe
+    from federation.yamlfile import ConfigFileError
 
     try:
         p = SitePolicy.load(policy_file)
-    except (ValidationError, ValueError) as exc:
-        raise click.ClickException(f"{policy_file} is not a valid policy:\n{exc}") from None
+    except ConfigFileError as exc:
+        raise click.ClickException(f"not a valid policy: {exc}") from None
     for line in describe(p):
         click.echo(line)
 
@@ -97,9 +96,14 @@ def policy_explain(policy_file: Path, job_file: Path, spent: float) -> None:
     from agent.daemon import load_data
     from agent.policy import SitePolicy, evaluate
     from federation.jobs import JobSpec
+    from federation.yamlfile import ConfigFileError, read_text
 
-    p = SitePolicy.load(policy_file)
-    spec = JobSpec.from_yaml(job_file.read_text())
+    p = SitePolicy.load(policy_file)  # a policy that does not load: one line (`_Main`), exit 1
+    try:
+        spec = JobSpec.from_yaml(read_text(job_file), str(job_file))
+    except ConfigFileError as exc:  # no agent would run it: its offer would not even parse
+        click.echo(f"REFUSE: {p.site} would refuse this job: {exc}")
+        sys.exit(1)
     decision, _ = evaluate(p, spec, p.site, endpoints=[], spent={spec.privacy.unit: spent}, active_jobs=0,
                            load=load_data)
     eps = "none (no noise)" if decision.epsilon_planned is None else \
@@ -134,13 +138,16 @@ def audit() -> None:
 @click.argument("log_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--state", "state_db", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="The agent's agent.db, to also detect entries cut off the end.")
-def audit_verify(log_file: Path, state_db: Path | None) -> None:
+@click.option("--aggregator-head", "recorded",
+              help="The head the aggregator recorded for this site (GET /api/v1/sites/SITE/audit-head): its sha256, "
+                   "SEQ:SHA256, or a file holding that JSON answer. Detects a chain rewritten and re-chained here.")
+def audit_verify(log_file: Path, state_db: Path | None, recorded: str | None) -> None:
     """Verify the chain: any edited, reordered or deleted entry is reported."""
     from agent.audit import verify
     from agent.state import AgentState
 
     head = AgentState(state_db).audit_head() if state_db else None
-    result = verify(log_file, head)
+    result = verify(log_file, head, _recorded_head(recorded) if recorded else None)
     if result.ok:
         click.echo(f"OK: {result.entries} entries, chain intact")
         return
@@ -148,3 +155,22 @@ def audit_verify(log_file: Path, state_db: Path | None) -> None:
     for p in result.problems:
         click.echo(f"  - {p}", err=True)
     sys.exit(1)
+
+
+def _recorded_head(value: str) -> tuple[int | None, str]:
+    """`--aggregator-head`: a sha256, SEQ:SHA256, or a file with the API's JSON answer."""
+    import json
+    import re
+
+    text = value.strip()
+    if not re.fullmatch(r"(\d+:)?[0-9a-f]{64}", text):
+        try:
+            answer = json.loads(Path(text).read_text())
+            text = f"{int(answer['seq'])}:{answer['sha256']}"
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise click.BadParameter(f"expected a sha256, SEQ:SHA256 or a file with the aggregator's JSON answer "
+                                     f"({exc.__class__.__name__}: {exc})", param_hint="--aggregator-head") from None
+    seq, _, digest = text.rpartition(":")
+    if not re.fullmatch(r"[0-9a-f]{64}", digest):
+        raise click.BadParameter("the sha256 must be 64 lowercase hex digits", param_hint="--aggregator-head")
+    return (int(seq) if seq else None), digest

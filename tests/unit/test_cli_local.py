@@ -41,7 +41,7 @@ def files_under(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
-    write_clinics(tmp_path / "data", 120)
+    write_clinics(tmp_path / "data", 160)  # 106 training records each: above min_cohort 100
     return tmp_path / "data"
 
 

@@ -109,7 +109,8 @@ def test_budget_and_concurrency_and_windows(policy: SitePolicy) -> None:
 def test_a_cohort_below_the_minimum_is_refused(policy: SitePolicy) -> None:
     ds = policy.datasets["heart-disease"].model_copy(update={"min_cohort": 1000})
     strict = policy.model_copy(update={"datasets": {"heart-disease": ds}})
-    assert any("cohort of 293 records is below" in r for r in decide(strict))
+    assert any("the job would train on 195 records (98 of 293 held out by validation_fraction 0.333333), below "
+               "this site's minimum cohort of 1000 training records" in r for r in decide(strict)), decide(strict)
 
 
 def test_policy_explain_and_check_commands(tmp_path: Path) -> None:

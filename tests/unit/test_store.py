@@ -190,3 +190,15 @@ def test_one_writer_per_job_the_lease_and_its_fence(store: StateStore, spec: Job
     assert store.acquire_lease("job-a", "replica-c", "https://c:8443", 5.0) == 4
     store.release_lease(Fence("job-a", "replica-c", 4))
     assert store.lease("job-a") is None
+
+
+def test_a_sites_audit_head_only_moves_forward_and_conflicts_add_up(store: StateStore) -> None:
+    a, b, c = "a" * 64, "b" * 64, "c" * 64
+    store.record_audit_heads([("hungary", 5, a, 1.0, 0)])
+    store.record_audit_heads([("hungary", 4, b, 2.0, 0), ("cleveland", 1, c, 2.0, 0)])  # older: ignored
+    assert store.audit_head("hungary") == {"site": "hungary", "seq": 5, "sha256": a, "at": 1.0, "conflicts": 0}
+    store.record_audit_heads([("hungary", 5, a, 3.0, 2)])  # the same entry reported with another hash, twice
+    store.record_audit_heads([("hungary", 7, b, 4.0, 0)])
+    assert store.audit_head("hungary") == {"site": "hungary", "seq": 7, "sha256": b, "at": 4.0, "conflicts": 2}
+    assert [h["site"] for h in store.audit_heads()] == ["cleveland", "hungary"]
+    assert store.audit_head("eve") is None

@@ -1,0 +1,46 @@
+"""The latest audit-chain head each site reported (`federation.messages.AuditHeadCarrier`), kept here, outside the
+hospital's control.
+
+A site's agent keeps a hash-chained audit log that its own administrator could rewrite and re-chain; the heads
+recorded here let `fedsilo audit verify --aggregator-head` show that the local chain no longer contains what the
+agent reported. A head only moves forward: a report with fewer entries than recorded changes nothing, and one with
+as many entries but another hash is counted as a conflict (the first one is kept): the same entry cannot have two
+hashes unless the chain was rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import abstractmethod
+from typing import Any
+
+Row = dict[str, Any]
+
+
+class AuditHeadQueries:
+    @abstractmethod
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> int: ...
+
+    @abstractmethod
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]: ...
+
+    @abstractmethod
+    def _tx(self) -> contextlib.AbstractContextManager[None]: ...
+
+    def record_audit_heads(self, rows: list[tuple[str, int, str, float, int]]) -> None:
+        """(site, seq, sha256, at, new conflicts) of each site, in one transaction; see the module docstring."""
+        newer = "CASE WHEN excluded.seq > audit_heads.seq THEN excluded.{0} ELSE audit_heads.{0} END"
+        with self._tx():
+            for site, seq, sha, at, conflicts in rows:
+                self._execute(
+                    "INSERT INTO audit_heads VALUES (?,?,?,?,?) ON CONFLICT (site) DO UPDATE SET "
+                    f"sha256 = {newer.format('sha256')}, at = {newer.format('at')}, seq = {newer.format('seq')}, "
+                    "conflicts = audit_heads.conflicts + excluded.conflicts",
+                    (site, seq, sha, at, conflicts))
+
+    def audit_heads(self) -> list[Row]:
+        return [{**r, "seq": int(r["seq"]), "conflicts": int(r["conflicts"])}
+                for r in self._query("SELECT site, seq, sha256, at, conflicts FROM audit_heads ORDER BY site")]
+
+    def audit_head(self, site: str) -> Row | None:
+        return next((r for r in self.audit_heads() if r["site"] == site), None)
