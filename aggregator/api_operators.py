@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from typing import Any
 
-import yaml
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -30,8 +30,17 @@ from aggregator.store import JobRow, StateStore
 from aggregator.summary import job_summary
 from federation.jobs import JobSpec
 from federation.models import count_parameters
+from federation.yamlfile import ConfigFileError, load_yaml
 
 routes = web.RouteTableDef()
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ConfigFileError(f"the job gives the key {dup!r} twice")
+    return dict(pairs)
 
 
 @routes.post("/api/v1/jobs")
@@ -42,8 +51,10 @@ async def submit_job(request: web.Request) -> web.Response:
     except UnicodeDecodeError as exc:
         return error(400, "unparseable_job", f"the body is not UTF-8 text: {exc}")
     try:
-        data = json.loads(text) if request.content_type == "application/json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        # A key given twice is refused (YAML and JSON parsers would keep the last one silently).
+        data = json.loads(text, object_pairs_hook=_unique_keys) if request.content_type == "application/json" \
+            else load_yaml(text, "the job")
+    except (json.JSONDecodeError, ConfigFileError) as exc:
         return error(400, "unparseable_job", f"the body is not valid JSON/YAML: {exc}")
     except RecursionError:
         return error(400, "unparseable_job", "the body is nested too deeply to be a job")

@@ -27,6 +27,7 @@ from pydantic import AwareDatetime, Field, ValidationError
 
 from federation.jobs import SITE_NAME
 from federation.schema import Frozen, field_errors
+from federation.yamlfile import ConfigFileError, load_yaml
 
 log = structlog.get_logger(__name__)
 Role = Literal["viewer", "admin"]
@@ -84,12 +85,12 @@ def load_operators_file(path: Path) -> tuple[OperatorToken, ...]:
         size = path.stat().st_size
         if size > MAX_OPERATORS_FILE_BYTES:
             raise OperatorsFileError(f"{path} is {size} bytes; at most {MAX_OPERATORS_FILE_BYTES} are read")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text(), str(path)) or {}
         return OperatorsFile.model_validate(data).operators
     except OSError as exc:
         raise OperatorsFileError(f"cannot read the operators file {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise OperatorsFileError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    except ConfigFileError as exc:  # a syntax error or a key given twice, with the line
+        raise OperatorsFileError(str(exc)) from None
     except ValidationError as exc:
         bad = "; ".join(f"{f or '(file)'}: {m}" for f, m in field_errors(exc))
         raise OperatorsFileError(f"{path} is not a valid operators file: {bad}") from None

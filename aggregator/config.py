@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Any
 
-import yaml
 from pydantic import Field, model_validator
 
 from aggregator.auth import OperatorToken
@@ -14,6 +12,7 @@ from aggregator.blobs_s3 import S3BlobConfig
 from aggregator.tracking.config import TrackingConfig
 from federation.schema import Frozen
 from federation.transport import BrokerConfig, TLSConfig
+from federation.yamlfile import load_yaml, read_text, validate_text
 
 
 class AggregatorConfig(Frozen):
@@ -105,5 +104,8 @@ class AggregatorConfig(Frozen):
     def load(cls, path: Path | None) -> AggregatorConfig:
         if path is None:
             return cls()
-        data: Any = yaml.safe_load(path.read_text()) or {}
-        return cls.model_validate(data)
+        # A key given twice, a syntax error or a bad value: ConfigFileError, one line naming the file and line.
+        text = read_text(path)
+        if load_yaml(text, str(path)) is None:
+            return cls()
+        return validate_text(cls, text, str(path), "aggregator config")

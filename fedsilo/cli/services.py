@@ -43,8 +43,12 @@ def aggregator_serve(config_path: Path | None) -> None:
     from aggregator.config import AggregatorConfig
     from aggregator.revocation import RevocationError
     from aggregator.service import serve
+    from federation.yamlfile import ConfigFileError
 
-    cfg = AggregatorConfig.load(config_path)
+    try:
+        cfg = AggregatorConfig.load(config_path)
+    except ConfigFileError as exc:
+        raise click.ClickException(str(exc)) from None
     logs.configure(cfg.log_json, os.environ.get("FEDSILO_LOG_LEVEL", "INFO"))
     try:
         serve(cfg)

@@ -238,6 +238,12 @@ def test_a_job_whose_offer_the_broker_would_drop_is_refused_at_submit(fed: Local
         fed.client.submit(yaml.safe_dump(data))
 
 
+def test_a_job_giving_a_key_twice_is_refused_not_read_as_the_last(fed: LocalFederation) -> None:
+    text = EXAMPLE.read_text() + "\nrounds: 1000\n"  # the example already says `rounds: 10`
+    with pytest.raises(Exception, match=r"unparseable_job.*'rounds'"):
+        fed.client.submit(text)
+
+
 def test_every_api_answer_is_strict_json(fed: LocalFederation, job: str) -> None:
     for path in ("/api/v1/jobs", f"/api/v1/jobs/{job}", f"/api/v1/jobs/{job}?sites=none", "/api/v1/sites",
                  "/api/v1/rejections", "/api/v1/decisions", "/api/v1/quarantine", "/api/v1/me", "/healthz",

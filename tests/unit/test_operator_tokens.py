@@ -70,7 +70,8 @@ def test_a_broken_operators_file_refuses_its_tokens_until_fixed(tmp_path: Path) 
     ("operators: [{name: 'a b', role: viewer, token_sha256: " + "0" * 64 + "}]", "operators.0.name"),
     ("operators: [{name: a, role: viewer, token_sha256: " + "0" * 64 + ", expires_at: 2030-01-01T00:00:00}]",
      "operators.0.expires_at"),  # an expiry without a time zone is ambiguous
-    ("operators: [", "not valid YAML"),
+    ("operators: [", r"operators.yaml, line 1, column \d+: "),  # YAML's own problem, where it is
+    ("operators: []\noperators: []", "duplicate key 'operators'"),
 ])
 def test_an_invalid_operators_file_stops_the_start_with_one_line(tmp_path: Path, text: str, message: str) -> None:
     path = tmp_path / "operators.yaml"
