@@ -121,9 +121,10 @@ class LocalFederation:
 
     # ---------------------------------------------------------------- processes
     def _spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        self.workspace.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.workspace.logs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         env = {**os.environ, "FEDSILO_LOG_LEVEL": self.log_level, "PYTHONUNBUFFERED": "1", **(env or {})}
-        with self.log(name).open("ab") as log:
+        # Logs name jobs, sites and datasets: the owner's only, whatever the caller's umask.
+        with os.fdopen(os.open(self.log(name), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "fedsilo", *args], stdout=log, stderr=subprocess.STDOUT, env=env,
                 stdin=subprocess.DEVNULL, start_new_session=self.detach,

@@ -118,6 +118,10 @@ def test_job_converges_and_writes_its_report(fed: LocalFederation) -> None:
     agent_metrics = urllib.request.urlopen(base + "/metrics", timeout=5).read().decode()
     assert re.search(r"^fedsilo_agent_rounds_trained_total [4-9]", agent_metrics, re.M)
     assert 'fedsilo_agent_job_decisions_total{decision="accepted"}' in agent_metrics
+    # State, audit logs, blobs, reports and process logs are the hospital's and the operator's: owner-only.
+    written = [p for d in (fed.workdir / "state", fed.report_dir, fed.workspace.logs_dir) for p in d.rglob("*")]
+    assert len(written) > 10
+    assert not [p for p in written if p.stat().st_mode & 0o077], "readable beyond their owner"
 
 
 def envelope(job_id: str, rnd: int, body: bytes, site: str = "mallory") -> UpdateEnvelope:
