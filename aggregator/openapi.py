@@ -122,6 +122,17 @@ class JobControl(BaseModel):
     paused: bool | None = None
 
 
+class AuditHeadRow(BaseModel):
+    """The latest head of a site's audit chain the aggregator received: give `sha256` (or `seq:sha256`) to
+    `fedsilo audit verify --aggregator-head` at the site."""
+
+    site: str
+    seq: int = Field(description="entries in the site's audit chain when it sent this head")
+    sha256: str = Field(description="hash of the chain's last entry")
+    at: float = Field(description="when the aggregator received it, epoch seconds")
+    conflicts: int = Field(description="heads received for an already-recorded entry with another hash")
+
+
 class SiteRow(BaseModel):
     """A site as last heard of; further keys carry whatever the site's status reported."""
 
@@ -161,7 +172,7 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (JobSpec, "validation"), (EvaluationReport, "validation"), (UpdateEnvelope, "validation"),
     (ErrorBody, "serialization"), (JobCreated, "serialization"), (JobListItem, "serialization"),
     (JobSummary, "serialization"), (JobControl, "serialization"), (SiteRow, "serialization"),
-    (QuarantineRow, "serialization"),
+    (QuarantineRow, "serialization"), (AuditHeadRow, "serialization"),
     (SiteDecisionRow, "serialization"), (RejectionRow, "serialization"), (Me, "serialization"),
     (Health, "serialization"), (UploadAck, "serialization"),
 ]
@@ -239,6 +250,10 @@ def _paths() -> dict[str, Any]:
             "Sites, online or offline, with their last status",
             {"200": _json({"type": "array", "items": _ref(SiteRow)}, "every site heard of"), **_errors(401, 403)},
             security=OPERATOR, tag="sites")},
+        "/api/v1/sites/{site}/audit-head": {"get": _op(
+            "The latest audit-chain head received from a site",
+            {"200": _json(_ref(AuditHeadRow), "the head"), **_errors(401, 403, 404)},
+            security=OPERATOR, tag="sites", parameters=[_path("site", {"type": "string"})])},
         "/api/v1/quarantine": {"get": _op(
             "Stored rows that failed their checks at start-up and were moved aside",
             {"200": _json({"type": "array", "items": _ref(QuarantineRow)}, "newest first"), **_errors(401, 403)},
