@@ -10,23 +10,14 @@ hashes unless the chain was rewritten.
 
 from __future__ import annotations
 
-import contextlib
-from abc import abstractmethod
 from typing import Any
+
+from aggregator.store.sqlaccess import SqlAccess
 
 Row = dict[str, Any]
 
 
-class AuditHeadQueries:
-    @abstractmethod
-    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> int: ...
-
-    @abstractmethod
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]: ...
-
-    @abstractmethod
-    def _tx(self) -> contextlib.AbstractContextManager[None]: ...
-
+class AuditHeadQueries(SqlAccess):
     def record_audit_heads(self, rows: list[tuple[str, int, str, float, int]]) -> None:
         """(site, seq, sha256, at, new conflicts) of each site, in one transaction; see the module docstring."""
         newer = "CASE WHEN excluded.seq > audit_heads.seq THEN excluded.{0} ELSE audit_heads.{0} END"

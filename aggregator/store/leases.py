@@ -15,10 +15,11 @@ forward a job's requests, `aggregator.forward`) and gives the token every write 
 
 from __future__ import annotations
 
-import contextlib
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
+
+from aggregator.store.sqlaccess import SqlAccess
 
 Row = dict[str, Any]
 
@@ -49,17 +50,8 @@ class Lease:
     expires_at: float
 
 
-class LeaseQueries:
+class LeaseQueries(SqlAccess):
     _lock_suffix = ""  # " FOR UPDATE" where the database locks rows read in a transaction (PostgreSQL)
-
-    @abstractmethod
-    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> int: ...
-
-    @abstractmethod
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]: ...
-
-    @abstractmethod
-    def _tx(self) -> contextlib.AbstractContextManager[None]: ...
 
     @abstractmethod
     def db_now(self) -> float:

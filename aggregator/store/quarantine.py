@@ -10,7 +10,6 @@ follow-up: there is no report to write from it. Each call is one transaction. Th
 
 from __future__ import annotations
 
-import contextlib
 import json
 from abc import abstractmethod
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from typing import Any
 
 from aggregator.store import checks
 from aggregator.store.leases import Fence
+from aggregator.store.sqlaccess import SqlAccess
 
 Row = dict[str, Any]
 # (table, primary-key columns, check) of the rows a running job owns.
@@ -38,16 +38,7 @@ class Quarantined:
     reason: str
 
 
-class QuarantineQueries:
-    @abstractmethod
-    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> int: ...
-
-    @abstractmethod
-    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Row]: ...
-
-    @abstractmethod
-    def _tx(self) -> contextlib.AbstractContextManager[None]: ...
-
+class QuarantineQueries(SqlAccess):
     @abstractmethod
     def _fence(self, fence: Fence | None) -> None: ...
 

@@ -5,7 +5,6 @@ datasets, never the data's location; and the audit chain's head the aggregator k
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import urllib.request
@@ -17,10 +16,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from agent.audit import GENESIS
 from fedsilo.cli import main
 from fedsilo.datasets import split_by_center
 from fedsilo.local import LocalFederation, example_policy
+from tests.auditlog import rechain
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -104,20 +103,6 @@ def test_a_round_that_runs_past_its_deadline_is_stopped_unreleased_and_uncharged
     assert (entry["job_id"], entry["round"], entry["why"]) == (job_id, 1, "stopped")
 
 
-def rechain(lines: list[str], edit_seq: int) -> str:
-    prev, out = GENESIS, []
-    for line in lines:
-        entry = json.loads(line)
-        if entry["seq"] == edit_seq:
-            entry["decision"] = "accepted"
-        entry["prev"] = prev
-        body = {k: v for k, v in entry.items() if k != "hash"}
-        entry["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-        prev = entry["hash"]
-        out.append(json.dumps(entry, sort_keys=True, separators=(",", ":")))
-    return "\n".join(out) + "\n"
-
-
 def test_the_aggregators_audit_head_exposes_a_rewritten_local_log(fed: LocalFederation, tmp_path: Path) -> None:
     fed.wait_job(fed.client.submit(job_yaml("hungary", dataset={"validation_fraction": 0.5})), timeout=60)
     log = fed.workdir / "state/agent-hungary/audit.log"
@@ -135,7 +120,7 @@ def test_the_aggregators_audit_head_exposes_a_rewritten_local_log(fed: LocalFede
     answer = tmp_path / "head.json"
     answer.write_text(json.dumps(head))
     forged = tmp_path / "audit.log"
-    forged.write_text(rechain(lines, edit_seq=local_head["seq"] - 1))  # the refusal before last, "accepted"
+    forged.write_text(rechain(lines, edit_seq=local_head["seq"] - 1, decision="accepted"))  # the refusal before last
     runner = CliRunner()
     assert runner.invoke(main, ["audit", "verify", str(forged)]).exit_code == 0  # consistent on its own
     out = runner.invoke(main, ["audit", "verify", str(forged), "--aggregator-head", str(answer)])

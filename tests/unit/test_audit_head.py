@@ -4,33 +4,18 @@ gets a log that verifies on its own, but no longer contains the head the aggrega
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 from pathlib import Path
 
 from click.testing import CliRunner
 
-from agent.audit import GENESIS, AuditLog, verify
+from agent.audit import AuditLog, verify
 from aggregator.db import Db
 from aggregator.metrics import AggregatorMetrics
 from aggregator.sites import SiteRegistry
 from aggregator.store import open_store
 from fedsilo.cli import main
-
-
-def rechain(lines: list[str], edit_seq: int) -> str:
-    """What a local administrator can do: edit an entry, then recompute every hash after it."""
-    prev, out = GENESIS, []
-    for line in lines:
-        entry = json.loads(line)
-        if entry["seq"] == edit_seq:
-            entry["decision"] = "refused"
-        entry["prev"] = prev
-        body = {k: v for k, v in entry.items() if k != "hash"}
-        entry["hash"] = hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-        prev = entry["hash"]
-        out.append(json.dumps(entry, sort_keys=True, separators=(",", ":")))
-    return "\n".join(out) + "\n"
+from tests.auditlog import rechain
 
 
 def test_a_rewritten_and_rechained_log_no_longer_holds_the_aggregators_head(tmp_path: Path) -> None:
@@ -45,7 +30,7 @@ def test_a_rewritten_and_rechained_log_no_longer_holds_the_aggregators_head(tmp_
     assert verify(log.path, recorded=at_two).ok  # an older head is still in the chain
 
     forged = tmp_path / "forged.log"
-    forged.write_text(rechain(log.path.read_text().splitlines(), edit_seq=2))
+    forged.write_text(rechain(log.path.read_text().splitlines(), edit_seq=2, decision="refused"))
     assert verify(forged).ok  # on its own the forgery is consistent
     assert verify(forged, expected_head=(4, json.loads(forged.read_text().splitlines()[-1])["hash"])).ok
     for head in (recorded, at_two):
