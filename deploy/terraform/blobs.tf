@@ -7,16 +7,7 @@ resource "aws_kms_key" "blobs" {
   description             = "${var.name}: encrypts the aggregator's blob bucket (models and round updates)"
   enable_key_rotation     = true
   deletion_window_in_days = 30
-  policy = jsonencode({
-    Version = "2012-10-17"
-    Statement = [{
-      Sid       = "AccountAdministers"
-      Effect    = "Allow"
-      Principal = { AWS = "arn:aws:iam::${data.aws_caller_identity.current.account_id}:root" }
-      Action    = "kms:*"
-      Resource  = "*"
-    }]
-  })
+  policy                  = data.aws_iam_policy_document.kms_account_admin.json
 }
 
 resource "aws_kms_alias" "blobs" {
