@@ -78,7 +78,7 @@ def watch(client: AggregatorClient, job_id: str, interval: float = 0.5, timeout:
 def _follow(client: AggregatorClient, job_id: str, interval: float, deadline: float) -> dict[str, Any]:
     console = Console(stderr=False, soft_wrap=True)
     printed = 0
-    summary = _poll(client, job_id)
+    summary = _poll(client, job_id, patience=0.0)  # never reached yet: a wrong URL fails at once, not in 30 s
     if sys.stdout.isatty():
         with Live(table(summary), console=console, refresh_per_second=4) as live:
             while summary["state"] not in ENDED and time.monotonic() < deadline:
