@@ -22,6 +22,7 @@ from aggregator.config import AggregatorConfig
 from federation.transport import TLSConfig
 from fedsilo.broker import acl_for
 from fedsilo.certs import Pki
+from tests.deploy._chart_identities import check_identity_files
 from tests.deploy._helm import KUBERNETES_VERSION, cases, manifests, one, template, values_files
 from tests.deploy._tools import CHARTS, DEPLOY, GRAFANA, run, tool
 
@@ -172,6 +173,7 @@ def test_aggregator_chart(values: Path, tmp_path: Path) -> None:
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert volumes["tls"]["secret"]["secretName"] == given["tls"]["existingSecret"]
     assert volumes["signing"]["secret"]["secretName"] == given["signingKey"]["existingSecret"]
+    check_identity_files(docs, given, config)
 
     account = one(docs, "ServiceAccount", "fedsilo")
     role = given.get("serviceAccount", {}).get("roleArn")
@@ -255,6 +257,9 @@ def check_config_init_container(pod: dict[str, Any], template_text: str, tmp_pat
     subprocess.run([sys.executable, "-c", script], check=True, timeout=30, env=env)
     out = AggregatorConfig.load(root / "config" / "aggregator.yaml")
     assert out.state_url == "postgresql://fedsilo:pw@db.internal:5432/fedsilo"
+    added = {"state_url", "replica_id", "advertise_url"}  # and nothing else changes (crl_file, operators_file...)
+    assert out.model_dump(exclude=added) == AggregatorConfig.model_validate(yaml.safe_load(template_text)).model_dump(
+        exclude=added)
     assert out.replica_id == POD_NAME
     if replicas > 1:
         assert out.advertise_url == f"https://10-10-3-17.fedsilo-peers.fedsilo.svc.cluster.local:{out.port}"

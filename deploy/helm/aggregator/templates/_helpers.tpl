@@ -132,6 +132,11 @@ listener {{ .Values.mosquitto.port }} 0.0.0.0
 cafile /mosquitto/tls/ca.crt
 certfile /mosquitto/tls/tls.crt
 keyfile /mosquitto/tls/tls.key
+{{- if .Values.crl.existingSecret }}
+# The federation CA's CRL (crl.existingSecret), read when the broker starts: restart it after a revocation, and
+# re-sign the CRL before its next update, past which every client is refused (docs/deploy.md).
+crlfile /mosquitto/crl/crl.pem
+{{- end }}
 require_certificate true
 use_identity_as_username true
 allow_anonymous false
