@@ -53,7 +53,7 @@ resource "helm_release" "aggregator" {
       sagemaker = {
         enabled          = true
         region           = var.region
-        experimentPrefix = "${var.name}-heart-disease"
+        experimentPrefix = var.name # experiments `<name>-<job id>`, one per job, whatever its use case
         artifactBucket   = aws_s3_bucket.models.id
       }
     }
