@@ -17,6 +17,9 @@ from aggregator.store.sqlaccess import SqlAccess
 Row = dict[str, Any]
 
 
+_SELECT = "SELECT site, seq, sha256, at, conflicts FROM audit_heads"
+
+
 class AuditHeadQueries(SqlAccess):
     def record_audit_heads(self, rows: list[tuple[str, int, str, float, int]]) -> None:
         """(site, seq, sha256, at, new conflicts) of each site, in one transaction; see the module docstring."""
@@ -30,8 +33,12 @@ class AuditHeadQueries(SqlAccess):
                     (site, seq, sha, at, conflicts))
 
     def audit_heads(self) -> list[Row]:
-        return [{**r, "seq": int(r["seq"]), "conflicts": int(r["conflicts"])}
-                for r in self._query("SELECT site, seq, sha256, at, conflicts FROM audit_heads ORDER BY site")]
+        return [_typed(r) for r in self._query(f"{_SELECT} ORDER BY site")]
 
     def audit_head(self, site: str) -> Row | None:
-        return next((r for r in self.audit_heads() if r["site"] == site), None)
+        rows = self._query(f"{_SELECT} WHERE site=?", (site,))
+        return _typed(rows[0]) if rows else None
+
+
+def _typed(row: Row) -> Row:
+    return {**row, "seq": int(row["seq"]), "conflicts": int(row["conflicts"])}
