@@ -25,6 +25,7 @@ import yaml
 from aiohttp import web
 from pydantic import AwareDatetime, Field, ValidationError
 
+from aggregator.filewatch import FileWatch
 from federation.jobs import SITE_NAME
 from federation.schema import Frozen, field_errors
 from federation.yamlfile import ConfigFileError, load_yaml
@@ -121,27 +122,22 @@ class OperatorTokens:
                  on_reload_failure: Callable[[], None] | None = None) -> None:
         self._static, self.path, self._on_failure = static, path, on_reload_failure
         self._from_file: tuple[OperatorToken, ...] = ()
-        self._seen: tuple[int, int, int] | None = None
+        self._watch = FileWatch(path) if path is not None else None
 
     def check(self) -> None:
         """Load the operators file now; OperatorsFileError if it is missing or invalid (at start-up)."""
-        if self.path is not None:
+        if self.path is not None and self._watch is not None:
             self._from_file = load_operators_file(self.path)
-            self._seen = _signature(self.path)
+            self._watch.mark()
 
     def tokens(self) -> tuple[OperatorToken, ...]:
         return self._static + self._current_file()
 
     def _current_file(self) -> tuple[OperatorToken, ...]:
-        if self.path is None:
+        if self.path is None or self._watch is None:
             return ()
-        try:
-            seen: tuple[int, int, int] | None = _signature(self.path)  # taken before reading: no change is missed
-        except OSError:
-            seen = None
-        if seen == self._seen:
+        if not self._watch.changed():
             return self._from_file
-        self._seen = seen
         try:
             self._from_file = load_operators_file(self.path)
             log.info("operators_file_loaded", path=str(self.path), tokens=len(self._from_file))
@@ -168,11 +164,6 @@ class OperatorTokens:
             return TokenRefusal("token_expired",
                                 f"token expired at {found.expires_at.isoformat()} (operator {found.name!r})")
         return Identity(found.name, found.role)
-
-
-def _signature(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def certificate_identity(request: web.Request) -> Identity | None:

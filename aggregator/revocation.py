@@ -17,7 +17,6 @@ hand, then refuses every client); `fedsilo_crl_next_update_timestamp_seconds` is
 from __future__ import annotations
 
 import datetime as dt
-import os
 from pathlib import Path
 
 import structlog
@@ -29,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from aggregator.api import Handler, error
 from aggregator.auth import certificate_identity
+from aggregator.filewatch import FileWatch
 from aggregator.ingress import RateLimitedLog
 
 log = structlog.get_logger(__name__)
@@ -76,30 +76,24 @@ class RevocationList:
         except (OSError, ValueError) as exc:
             raise RevocationError(f"cannot read the CA certificate {ca_file} to check the CRL with: {exc}") from None
         self._serials: frozenset[int] = frozenset()
-        self._seen: tuple[int, int, int] | None = None
+        self._watch = FileWatch(path)
         self._log = RateLimitedLog()
 
     def load(self) -> None:
         """Read the CRL now; RevocationError with one line if it is missing, too large or not the CA's (at start)."""
         try:
-            seen = _signature(self.path)
+            self._watch.mark()
         except OSError as exc:
             raise RevocationError(f"cannot read the CRL {self.path}: {exc.strerror or exc}") from None
         self._apply(self._parse())
-        self._seen = seen
 
     def revoked(self, serial: int) -> bool:
         self._refresh()
         return serial in self._serials
 
     def _refresh(self) -> None:
-        try:
-            seen: tuple[int, int, int] | None = _signature(self.path)  # taken before reading: no change is missed
-        except OSError:
-            seen = None
-        if seen == self._seen:
+        if not self._watch.changed():
             return
-        self._seen = seen
         try:
             self._apply(self._parse())
         except RevocationError as exc:
@@ -157,11 +151,6 @@ class RevocationList:
         return error(403, "certificate_revoked",
                      f"the certificate of {label} {name[:64]!r} (serial {serial.lower()[:40]}) has been revoked "
                      "by the federation CA")
-
-
-def _signature(path: Path) -> tuple[int, int, int]:
-    st = os.stat(path)
-    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:

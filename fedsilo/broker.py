@@ -47,10 +47,11 @@ _SEARCH_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto", "/usr/bin/m
 # Mosquitto's `message_size_limit`: it drops (and does not deliver) any PUBLISH whose payload is larger, from anyone.
 # The largest legitimate message is a signed job offer, which carries the job's spec: 1.9 KB for the examples, 144 KB
 # for a job with 1,000 sites named with 63 characters, 1,000 numeric inputs and a prior on each (measured). 256 KiB
-# leaves a wide margin over the first and room for the second, and is the ceiling of the aggregator's
-# `mqtt_max_message_bytes` (default 16 KiB, applied again by the aggregator, with a rate limit, to what each site
-# sends), so the broker never drops a message the aggregator could accept. Smaller is not better: an offer over the
-# limit would be dropped without a word, and with it the job. The aggregator chart should use the same value.
+# leaves a wide margin over the first and room for the second. It is the aggregator's default
+# `mqtt_max_publish_bytes` (a job whose signed offer would be larger is refused at submit, since an offer over the
+# limit would be dropped without a word, and with it the job) and the ceiling of its `mqtt_max_message_bytes`
+# (16 KiB by default, applied again by the aggregator, with a rate limit, to what each site sends). The aggregator
+# chart renders the same value from one setting.
 MESSAGE_SIZE_LIMIT = 256 * 1024
 
 
