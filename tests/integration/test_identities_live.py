@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import os
 import signal
 import ssl
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +30,7 @@ from fedsilo.broker import MESSAGE_SIZE_LIMIT, BrokerTLS, MosquittoBroker
 from fedsilo.certs import Pki
 from fedsilo.cli import main
 from fedsilo.local import LocalFederation
+from tests.calls import https
 from tests.integration.test_broker_config import connects
 
 pytestmark = pytest.mark.integration
@@ -52,18 +50,6 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
     with LocalFederation(root, {}, extra_identities=("north", "south"),
                          aggregator_extra={"operators_file": str(operators)}) as f:
         yield f
-
-
-def https(fed: LocalFederation, path: str, ctx: ssl.SSLContext, body: bytes | None = None,
-          token: str | None = None) -> tuple[int, Any]:
-    req = urllib.request.Request(fed.url + path, data=body, method="POST" if body is not None else "GET")
-    if token is not None:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def metric(fed: LocalFederation, line_start: str) -> float:

@@ -36,6 +36,7 @@ from federation.transport import BrokerConfig, TLSConfig
 from fedsilo.certs import local_pki
 from fedsilo.datasets import split_by_center
 from fedsilo.local import LocalFederation, example_policy
+from tests.calls import https
 from tests.waiting import wait_round
 
 pytestmark = pytest.mark.integration
@@ -136,15 +137,6 @@ def test_a_site_can_neither_read_nor_write_another_sites_topics(fed: LocalFedera
     assert spied == []  # nothing of cleveland's, nor anyone's offers or events, reached mallory
     assert real  # cleveland's own answer went through
     assert forged_seen == []  # the broker dropped mallory's message on cleveland's topic
-
-
-def https(fed: LocalFederation, path: str, ctx: ssl.SSLContext, body: bytes | None = None) -> tuple[int, Any]:
-    req = urllib.request.Request(fed.url + path, data=body, method="POST" if body is not None else "GET")
-    try:
-        with urllib.request.urlopen(req, timeout=10, context=ctx) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
 
 
 def test_aggregator_identifies_callers_only_by_certificate(fed: LocalFederation, other_ca: TLSConfig) -> None:
