@@ -134,6 +134,16 @@ class AggregationParams(Frozen):
     norm_bound: float | None = Field(default=None, gt=0, le=1e6)
 
 
+class SecureAggregation(Frozen):
+    """Sites upload their updates masked (`federation.secagg`): the aggregator learns the sum of at least
+    `threshold` sites' updates and nothing else. The site-unit noise is distributed: each site adds a share sized
+    so that `threshold` sites' shares together carry the job's σ·C."""
+
+    # Sites that must survive a round for it to be unmasked (None: more than half the sites, and at least
+    # min_sites). Fewer fail the round and nothing is unmasked.
+    threshold: int | None = Field(default=None, ge=2, le=1000)
+
+
 class DataRef(Frozen):
     """Which dataset the job asks each site for, by the name the sites register it under."""
 
@@ -175,6 +185,21 @@ class JobSpec(Frozen):
         default_factory=lambda: ["auc", "loss"], max_length=32
     )
     tags: dict[str, str] = Field(default_factory=dict, max_length=64)
+    # `true` (or {threshold: t}) to aggregate masked updates only (`SecureAggregation`); None: plain uploads.
+    secure_aggregation: SecureAggregation | None = None
+
+    @field_validator("secure_aggregation", mode="before")
+    @classmethod
+    def _secagg_switch(cls, v: Any) -> Any:
+        return {} if v is True else (None if v is False else v)
+
+    @property
+    def secagg_threshold(self) -> int:
+        """The number of surviving sites a secure round needs (and its distributed noise is sized for)."""
+        if self.secure_aggregation is None:
+            return 0
+        t = self.secure_aggregation.threshold
+        return t if t is not None else min(len(self.sites), max(self.min_sites, len(self.sites) // 2 + 1, 2))
 
     @model_validator(mode="before")
     @classmethod
@@ -208,6 +233,8 @@ class JobSpec(Frozen):
         if self.aggregation == "fedprox" and self.privacy.unit == "record":
             # Opacus clips per-sample gradients of the data loss; a proximal term is not per-sample.
             raise ValueError("fedprox is not available with record-level DP (privacy.unit: record)")
+        if self.secure_aggregation is not None:
+            self._check_secagg()
         p = self.privacy
         if p.target_epsilon is not None and p.unit == "site":
             eps = epsilon_for(p.noise_multiplier, self.rounds, p.delta)
@@ -215,6 +242,19 @@ class JobSpec(Frozen):
                 raise ValueError(f"noise_multiplier {p.noise_multiplier:g} gives ε {eps:.3g} over {self.rounds} "
                                  f"rounds, above target_epsilon {p.target_epsilon:g}; omit it to calibrate")
         return self
+
+    def _check_secagg(self) -> None:
+        if self.aggregation in ("median", "trimmed_mean", "fedavg_normbound"):
+            raise ValueError(f"aggregation {self.aggregation} needs every site's update, which secure aggregation "
+                             "hides by design (the aggregator sees only their sum); use fedavg or fedprox")
+        n, t = len(self.sites), self.secagg_threshold
+        if n < 2:
+            raise ValueError("secure aggregation needs at least 2 sites")
+        if not n / 2 < t <= n:
+            raise ValueError(f"secure_aggregation.threshold {t} must be more than half the {n} sites and at most "
+                             f"{n}: a threshold of half or fewer would let two disjoint groups each unmask")
+        if t < self.min_sites:
+            raise ValueError(f"secure_aggregation.threshold {t} is below min_sites {self.min_sites}")
 
     @classmethod
     def from_yaml(cls, text: str, source: str = "job") -> JobSpec:

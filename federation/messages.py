@@ -25,6 +25,8 @@ def canonical_json(model: Frozen) -> bytes:
 
 
 Nonce = Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+# urlsafe base64 of a 32-byte X25519 public key (secure aggregation: `federation.secagg`)
+PublicKey = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{43}=$")]
 Text = Annotated[str, Field(max_length=MAX_TEXT)]
 
 
@@ -64,6 +66,9 @@ class RoundTask(Frozen):
     deadline: float | None = None
     state: str | None = None
     reason: str | None = None
+    # A secure-aggregation job's train round: every participant's per-job share key (`SiteEvent.share_key`), to
+    # which the site seals the shares it sends (`federation.secagg.messages`).
+    share_keys: dict[SiteName, PublicKey] | None = Field(default=None, max_length=1000)
     issued_at: float
     expires_at: float
     nonce: Nonce
@@ -105,6 +110,8 @@ class SiteEvent(AuditHeadCarrier):
     epsilon_planned: float | None = Field(default=None, ge=0, le=MAX_EPSILON)  # in the job's unit
     # Per unit the site will be charged in (both when its policy adds the site unit to a record-level job).
     planned: dict[Unit, Annotated[float, Field(ge=0, le=MAX_EPSILON)]] = Field(default_factory=dict, max_length=2)
+    # Accepting a secure-aggregation job: the site's per-job X25519 key that its peers seal shares to.
+    share_key: PublicKey | None = None
     at: float
 
 
@@ -123,6 +130,10 @@ class UnitSpend(SiteMessage):
     unit: Unit
     epsilon: float | None = Field(ge=0, le=MAX_EPSILON)  # None: that mechanism ran without noise (no guarantee)
     noise_multiplier: float = Field(ge=0, le=1e4)
+    # Secure aggregation, site unit: `epsilon` holds for the sum of at least the job's threshold of sites' noise;
+    # this is what the site's own share of the noise guarantees alone, should every other site collude with the
+    # aggregator (None: not a secure-aggregation release, or no noise).
+    epsilon_alone: float | None = Field(default=None, ge=0, le=MAX_EPSILON)
 
 
 class UpdateEnvelope(SiteMessage):
