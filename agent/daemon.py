@@ -83,7 +83,7 @@ class Agent:
                           offsite=OffsiteText({n: ds.path for n, ds in self.policy.datasets.items()}))
         self._site = Site(cfg, self.policy, state, audit, gate, self.metrics, PrivacyEngine(state), self.endpoints)
         self._offers = Offers(self._site)
-        self._rounds = Rounds(self._site, self._offers)
+        self._rounds = Rounds(self._site, self._offers, self._verifier)
         for name in self.policy.privacy.budgets:
             self._site.update_budget_gauges(name)
 
@@ -110,6 +110,7 @@ class Agent:
         # A round being trained in a worker thread is not waited for: it has released nothing yet (the ledger is
         # written on this thread once training returns), and its retained task brings it back after a restart.
         await asyncio.gather(*workers, return_exceptions=True)
+        await self._rounds.secure.stop()  # unmask phases in flight: a restart resumes them from the round's task
         offline = SiteStatus(site=self.site, state="offline", at=time.time(), version=VERSION)
         await self._link.stop(final=(topics.status(self.site), canonical_json(offline)))
         await self._site.gate.close()

@@ -3,15 +3,18 @@
 HTTP goes only to the configured aggregator, over mutual TLS, and only if its host:port is on the policy's
 allowlist; uploads must be `PrivatizedUpdate`s made by the privacy engine and fit the per-round size limit;
 metrics leave only if the policy allows each one and they aggregate at least `min_records_per_metric`
-records. MQTT carries only this site's status and job answers, whose reasons name datasets by id, never by a local
-path (`agent.offsite`). Every refusal is audited.
+records. Secure aggregation's messages (sealed shares, reveals) leave only under this site's own name. MQTT
+carries only this site's status and job answers, whose reasons name datasets by id, never by a local path
+(`agent.offsite`). Every refusal is audited.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ssl
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -33,10 +36,22 @@ from federation.messages import (
     update_path,
 )
 from federation.mqtt import MqttLink
+from federation.secagg.messages import (
+    MAX_WAIT_S,
+    Reveal,
+    ShareBundle,
+    UnmaskWork,
+    reveal_path,
+    roster_path,
+    shares_path,
+    unmask_path,
+)
 from federation.tensors import sha256_hex
 from federation.transport import TLSConfig
 
 log = structlog.get_logger(__name__)
+RETRY_MAX_S = 4.0  # the aggregator restarts in seconds; a longer backoff would only idle the site
+T = TypeVar("T")
 
 
 class EgressRefusedError(Exception):
@@ -49,6 +64,23 @@ class UploadRejectedError(Exception):
     def __init__(self, status: int, code: str, detail: str) -> None:
         super().__init__(f"{status} {code}: {detail}")
         self.status, self.code, self.detail = status, code, detail
+
+
+async def retrying(call: Callable[[], Awaitable[T]], deadline: float | None) -> T:
+    """Retry transient failures (network, 5xx) with backoff until `deadline` (a `time.time()`; None: forever);
+    past it, `UploadRejectedError` "deadline_passed". A 4xx is final and raised at once."""
+    delay = 0.25
+    while True:
+        try:
+            return await call()
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            if isinstance(exc, aiohttp.ClientResponseError) and exc.status < 500:
+                raise
+            if deadline is not None and time.time() + delay > deadline:
+                raise UploadRejectedError(0, "deadline_passed", f"gave up: {exc}") from exc
+            log.warning("aggregator_unreachable", error=str(exc)[:200], retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX_S)
 
 
 class EgressGate:
@@ -142,9 +174,42 @@ class EgressGate:
         headers = {"Content-Type": "application/json"}
         return await self._request("POST", evaluation_path(report.job_id, report.round), body, headers)
 
+    # ---------------------------------------------------------------- secure aggregation
+    async def send_shares(self, bundle: ShareBundle) -> bytes:
+        """Post this round's mask key and sealed shares (the aggregator can open none of them)."""
+        if bundle.site != self._site:
+            raise self._refuse("secagg_shares", "shares for another site", claimed=bundle.site)
+        return await self._request("POST", shares_path(bundle.job_id, bundle.round), canonical_json(bundle),
+                                   {"Content-Type": "application/json"})
+
+    async def fetch_roster(self, job_id: str, rnd: int, wait: float) -> bytes | None:
+        """The signed roster's bytes (the caller verifies them), or None while it is not frozen after `wait` s."""
+        return await self._long_poll(roster_path(job_id, rnd), wait)
+
+    async def fetch_unmask(self, job_id: str, rnd: int, wait: float) -> UnmaskWork | None:
+        """This site's unmask work (the caller verifies its signed request), or None while there is none yet."""
+        body = await self._long_poll(unmask_path(job_id, rnd), wait)
+        return None if body is None else UnmaskWork.model_validate_json(body)
+
+    async def send_reveal(self, reveal: Reveal) -> bytes:
+        if reveal.site != self._site:
+            raise self._refuse("secagg_reveal", "a reveal for another site", claimed=reveal.site)
+        return await self._request("POST", reveal_path(reveal.job_id, reveal.round), canonical_json(reveal),
+                                   {"Content-Type": "application/json"})
+
+    async def _long_poll(self, path: str, wait: float) -> bytes | None:
+        wait = min(max(wait, 0.0), MAX_WAIT_S)
+        status, body = await self._exchange("GET", f"{path}?wait={wait:.3f}")
+        return None if status == 202 else body
+
     async def _request(
         self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
     ) -> bytes:
+        return (await self._exchange(method, path, body, headers))[1]
+
+    async def _exchange(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
         if self._endpoint not in self._policy.allowed_endpoints:
             raise self._refuse("http", f"endpoint {self._endpoint} is not on the egress allowlist", path=path)
         assert self._session is not None, "EgressGate.start() was not called"
@@ -160,4 +225,4 @@ class EgressGate:
                     code, detail = "http_error", data[:200].decode(errors="replace")
                 raise UploadRejectedError(resp.status, code, detail)
             resp.raise_for_status()
-            return data
+            return resp.status, data

@@ -29,7 +29,7 @@ class Offers:
                 earlier, reasons, closed = previous
                 if earlier == "accepted" and not closed and offer.job_id not in s.jobs:
                     self.activate(offer.job_id, offer.spec)
-                s.event(offer.job_id, earlier, reasons)
+                s.event(offer.job_id, earlier, reasons, **self._share_key(offer.job_id, offer.spec, earlier))
                 return
             spec = offer.spec
             budget = s.policy.privacy.budgets.get(spec.dataset.name)
@@ -57,7 +57,15 @@ class Offers:
             log.info("job_decision", decision=verdict, reasons=decision.reasons, unit=spec.privacy.unit,
                      epsilon=decision.planned)
             s.event(offer.job_id, verdict, decision.reasons, epsilon_planned=decision.epsilon_planned,
-                    planned=decision.planned if decision.accepted else {})
+                    planned=decision.planned if decision.accepted else {},
+                    **self._share_key(offer.job_id, spec, verdict))
+
+    def _share_key(self, job_id: str, spec: JobSpec, verdict: str) -> dict[str, str]:
+        """An accepted secure-aggregation job's answer carries the site's share key for the job (the same one every
+        time: it is derived from the site's secret, so a repeated answer repeats it)."""
+        if verdict != "accepted" or spec.secure_aggregation is None:
+            return {}
+        return {"share_key": self._s.share_keys.public(job_id)}
 
     def activate(self, job_id: str, spec: JobSpec) -> ActiveJob | None:
         """Reload an accepted job after a restart; stop taking part if its data became unavailable."""

@@ -215,8 +215,10 @@ def _model_refusals(policy: SitePolicy, spec: JobSpec) -> list[str]:
     n = count_parameters(spec.model.name, spec.features.input_dim(), spec.model.hidden)  # arithmetic, nothing built
     if n > policy.models.max_parameters:
         r.append(f"model has {n} parameters, above this site's maximum {policy.models.max_parameters}")
-    if n * 4 + 1024 > policy.egress.max_upload_bytes_per_round:
-        r.append(f"an update of {n} float32 parameters exceeds the upload limit "
+    # A secure job's update is masked integers mod 2^32, carried as int64 (`agent.privacy`): 8 bytes a parameter.
+    width, kind = (8, "masked int64") if spec.secure_aggregation is not None else (4, "float32")
+    if n * width + 1024 > policy.egress.max_upload_bytes_per_round:
+        r.append(f"an update of {n} {kind} parameters exceeds the upload limit "
                  f"{policy.egress.max_upload_bytes_per_round} bytes per round")
     return r
 

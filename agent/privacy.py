@@ -5,12 +5,20 @@ It clips the round delta to the job's update bound and, where the site unit appl
 spend in every unit the site's plan protects (`agent.privacy_policy.SitePrivacy`), refuses to exceed any of the
 dataset's budgets, and writes spend and released bytes to the durable release log *before* returning. Only this
 module can construct a `PrivatizedUpdate`, and the egress gate sends nothing else.
+
+A secure-aggregation round passes a `masker` (`agent.secagg.SecureRound.mask` bound to the round's roster): the
+clipped update is quantized, this site's share of the discrete Gaussian noise is added (site unit; none for a
+record-level job that does not also protect the site unit), and the masked vector is what is logged and released:
+a crash after the ledger is written resends the same masked bytes.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+
+import numpy as np
 
 from agent.privacy_policy import BudgetPolicy, SitePrivacy, per_unit
 from agent.state import AgentState, Release
@@ -18,6 +26,7 @@ from federation.jobs import UNIT_WORDS, JobSpec
 from federation.messages import EvalMetrics, UnitSpend, UpdateEnvelope
 from federation.models import Weights
 from federation.privacy import privatize
+from federation.secagg import discrete_gaussian, quantize
 from federation.tensors import encode, sha256_hex
 
 _TOKEN = object()
@@ -60,18 +69,21 @@ class PrivacyEngine:
         self, site: str, job_id: str, rnd: int, spec: JobSpec, plan: SitePrivacy, delta: Weights, num_samples: int,
         evaluation: EvalMetrics | None, train_loss: float, budget: BudgetPolicy, budget_since: float = 0.0,
         share_tracking: bool = True, release_by: float | None = None,
+        masker: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> PrivatizedUpdate:
         """Clip (and noise, for the site unit), account and log one round's update. `budget` is the dataset's
         (per period starting at `budget_since`); a release that would exceed it in any unit raises
         `BudgetExhaustedError`. Past `release_by` (the round's deadline, a `time.time()`) nothing is released or
-        charged: `RoundLateError`."""
+        charged: `RoundLateError`. With `masker` (secure aggregation) the payload is the masked quantized update;
+        if the masker raises, nothing is released or charged."""
         if self._state.release(job_id, rnd) is not None:
             raise AlreadyReleasedError(f"round {rnd} of job {job_id} already released an update")
         now = time.time()
         if release_by is not None and now > release_by:
             raise RoundLateError(f"round {rnd} finished {now - release_by:.1f} s after its deadline: its update was "
                                  "not released and no ε was charged")
-        eps = plan.epsilon(self._state.releases_for(job_id) + 1)
+        releases = self._state.releases_for(job_id) + 1
+        eps = plan.epsilon(releases)
         for unit, e in eps.items():
             total = per_unit(budget.epsilon, unit)
             others = self._state.spent(spec.dataset.name, unit, budget_since, exclude_job=job_id)
@@ -80,11 +92,17 @@ class PrivacyEngine:
                     f"round {rnd} would bring ε {UNIT_WORDS[unit]} on {spec.dataset.name!r} to {others + e:.2f}, "
                     f"past the budget {total if total is not None else 'of none'}"
                 )
-        released, _ = privatize(delta, plan.clip_norm, plan.update_noise)
-        payload = encode(released)
+        if masker is None:
+            released, _ = privatize(delta, plan.clip_norm, plan.update_noise)
+            payload = encode(released)
+        else:
+            payload = encode({"masked": _masked(delta, plan, masker)})
         sigma = {"site": plan.update_noise,
                  "record": plan.record.noise_multiplier if plan.record is not None else 0.0}
-        spend = [UnitSpend(unit=u, epsilon=e if math.isfinite(e) else None, noise_multiplier=sigma[u])  # type: ignore[arg-type]
+        alone = plan.epsilon_alone(releases) if masker is not None else None
+        alone = alone if alone is not None and math.isfinite(alone) else None
+        spend = [UnitSpend(unit=u, epsilon=e if math.isfinite(e) else None, noise_multiplier=sigma[u],  # type: ignore[arg-type]
+                           epsilon_alone=alone if u == "site" else None)
                  for u, e in eps.items()]
         headline = eps.get(spec.privacy.unit, math.inf)
         envelope = UpdateEnvelope(
@@ -105,3 +123,23 @@ class PrivacyEngine:
         if r is None:
             return None
         return PrivatizedUpdate(_TOKEN, job_id, rnd, r.payload, UpdateEnvelope.model_validate_json(r.envelope))
+
+
+def _masked(delta: Weights, plan: SitePrivacy, masker: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Flatten (keys sorted), clip, quantize, add this site's discrete Gaussian share, reduce mod 2^32, mask.
+
+    Clipped in float64 to a hair under C (2^-40 relative), so float rounding cannot take the norm past the C that
+    the quantization's sensitivity assumes."""
+    q = plan.quantization
+    if q is None:
+        raise ValueError("a masked release needs the job's quantization (a secure-aggregation plan)")
+    vec = quantize.flatten(delta)
+    norm, bound = float(np.linalg.norm(vec)), plan.clip_norm * (1 - 2**-40)
+    if not math.isfinite(norm):
+        raise ValueError("the round's update is not finite; nothing was released")
+    if norm > bound:
+        vec = vec * (bound / norm)
+    if vec.size != q.dim:
+        raise ValueError(f"the update has {vec.size} values; the job's quantization is for {q.dim}")
+    noisy = quantize.quantize(vec, q) + discrete_gaussian.sample(q.dim, q.site_sigma)
+    return np.asarray(masker(quantize.encode_mod(noisy)), dtype=np.int64)

@@ -5,6 +5,11 @@ A job asks for one unit (`privacy.unit`): `site` (update-level noise; ε per hos
 every job whatever the job asks (`required_units`: with `[site]`, a record-level job gets update-level noise as
 well, and both ε are accounted and reported). Floors, ceilings, per-job maxima and budgets are kept per unit; a
 job is charged in every unit its mechanisms protect and must fit in each of those ledgers.
+
+A secure-aggregation job (`spec.secure_aggregation`) quantizes every update (`quantization`) and, for the site unit,
+adds this site's share of distributed discrete Gaussian noise: the ε charged is what holds for the sum of at least
+the job's threshold of sites (`federation.secagg.accounting`); what the site's own share guarantees alone, should
+every other site collude with the aggregator, is reported beside it (`epsilon_alone`).
 """
 
 from __future__ import annotations
@@ -16,8 +21,12 @@ from pydantic import Field, model_validator
 
 from agent.record_plan import RecordPlan, record_plan
 from federation.jobs import UNIT_WORDS, JobSpec, Unit
+from federation.models import count_parameters
 from federation.privacy import epsilon_for
 from federation.schema import Frozen
+from federation.secagg import accounting, quantize
+from federation.secagg.errors import SecAggError
+from federation.secagg.quantize import Quantization
 
 # A number applies to every unit; a mapping gives each unit its own (a unit left out allows nothing).
 PerUnit = float | dict[Unit, float]
@@ -58,22 +67,34 @@ class PrivacyPolicy(Frozen):
 
 @dataclass(frozen=True)
 class SitePrivacy:
-    """What this site applies to one job: the units it protects, DP-SGD's plan, the update-level σ."""
+    """What this site applies to one job: the units it protects, DP-SGD's plan, the update-level σ, and for a
+    secure-aggregation job the quantization (with the share of the noise this site adds)."""
 
     units: tuple[Unit, ...]
     record: RecordPlan | None
     update_noise: float  # σ of the update-level noise; 0 when the site unit is not applied
     clip_norm: float
     delta: float
+    quantization: Quantization | None = None  # secure aggregation only
 
     def epsilon(self, rounds: int) -> dict[str, float]:
-        """ε per unit after `rounds` released rounds."""
+        """ε per unit after `rounds` released rounds (site unit of a secure job: for the sum of ≥ t sites)."""
         out: dict[str, float] = {}
         if self.record is not None:
             out["record"] = self.record.epsilon(rounds)
         if "site" in self.units:
-            out["site"] = epsilon_for(self.update_noise, rounds, self.delta)
+            if self.quantization is not None:
+                out["site"] = accounting.secure_epsilons(self.quantization, rounds, self.delta)[0]
+            else:
+                out["site"] = epsilon_for(self.update_noise, rounds, self.delta)
         return out
+
+    def epsilon_alone(self, rounds: int) -> float | None:
+        """Site unit of a secure job: ε of this site's own share of the noise alone after `rounds` rounds (what
+        holds if every other site colluded with the aggregator). None otherwise."""
+        if "site" not in self.units or self.quantization is None:
+            return None
+        return accounting.secure_epsilons(self.quantization, rounds, self.delta)[1]
 
 
 def plan_privacy(spec: JobSpec, policy: PrivacyPolicy, n_train: int | None) -> SitePrivacy:
@@ -85,7 +106,17 @@ def plan_privacy(spec: JobSpec, policy: PrivacyPolicy, n_train: int | None) -> S
         if n_train is None:
             raise ValueError("a record-level plan needs the site's number of training records")
         record = record_plan(spec, n_train)
-    return SitePrivacy(units, record, p.noise_multiplier if "site" in units else 0.0, p.clip_norm, p.delta)
+    noise = p.noise_multiplier if "site" in units else 0.0
+    return SitePrivacy(units, record, noise, p.clip_norm, p.delta, secure_quantization(spec, noise))
+
+
+def secure_quantization(spec: JobSpec, noise_multiplier: float) -> Quantization | None:
+    """The quantization of a secure job's updates (None for a plain job): deterministic, so every site and the
+    aggregator derive the same one. Raises SecAggError when no scale keeps the sum from wrapping."""
+    if spec.secure_aggregation is None:
+        return None
+    d = count_parameters(spec.model.name, spec.features.input_dim(), spec.model.hidden)
+    return quantize.plan(spec.privacy.clip_norm, d, len(spec.sites), spec.secagg_threshold, noise_multiplier)
 
 
 def privacy_refusals(
@@ -128,6 +159,8 @@ def privacy_refusals(
             return r, None
     try:
         plan = plan_privacy(spec, policy, n_train)
+    except SecAggError as exc:
+        return [*r, f"secure aggregation cannot be planned for this job: {exc}"], None
     except ValueError as exc:
         return [*r, f"no DP-SGD noise meets the job's per-patient target here: {exc}"], None
     r.extend(_record_refusals(spec, policy, plan))

@@ -1,7 +1,8 @@
 """Round execution: fetch the global model, train locally, privatize and account, upload; or only evaluate.
 
 A round's update is released (and charged) at most once: the release log makes handling a round again a resend of
-the same bytes, never a second training or a second charge.
+the same bytes, never a second training or a second charge. A secure-aggregation job's round adds sharing, masking and
+the unmask phase around this (`agent.secure_rounds`).
 """
 
 from __future__ import annotations
@@ -10,17 +11,19 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-import aiohttp
 import structlog
 import torch
 
 from agent.data import SiteData
-from agent.egress import EgressRefusedError, UploadRejectedError
+from agent.egress import EgressRefusedError, UploadRejectedError, retrying
 from agent.offers import Offers
 from agent.privacy import BudgetExhaustedError, PrivatizedUpdate, RoundLateError, budget_window_start
+from agent.secagg import ExcludedError, SecAggRefusedError
+from agent.secure_rounds import SecureRounds
 from agent.site import ActiveJob, Site
 from agent.trainer import TrainingStoppedError, train_round
 from agent.trainer import evaluate as evaluate_model
+from agent.verifier import Verifier
 from federation.faults import failpoint
 from federation.jobs import JobSpec
 from federation.messages import EvalMetrics, EvaluationReport, RoundTask
@@ -28,18 +31,19 @@ from federation.models import build_model, check_layout, count_parameters, get_w
 from federation.tensors import decode
 
 log = structlog.get_logger(__name__)
-RETRY_MAX_S = 4.0  # the aggregator restarts in seconds; a longer backoff would only idle the site
 
 
 class Rounds:
-    def __init__(self, site: Site, offers: Offers) -> None:
+    def __init__(self, site: Site, offers: Offers, verifier: Verifier) -> None:
         self._s = site
         self._offers = offers
+        self.secure = SecureRounds(site, verifier)
 
     async def handle(self, task: RoundTask) -> None:
         s = self._s
         with structlog.contextvars.bound_contextvars(job=task.job_id, round=task.round):
             if task.kind == "closed":
+                self.secure.cancel_job(task.job_id)
                 s.jobs.pop(task.job_id, None)
                 s.state.close_job(task.job_id)
                 log.info("job_closed", state=task.state, reason=task.reason)
@@ -91,8 +95,11 @@ class Rounds:
 
     async def _train_round(self, task: RoundTask, job: ActiveJob) -> None:
         s = self._s
+        secure = job.spec.secure_aggregation is not None
         release = s.state.release(task.job_id, task.round)
         if release is not None and release.sent:
+            if secure:  # sent before a restart, perhaps: the unmask phase still needs this site's reveal
+                self.secure.start_unmask(task)
             return
         pending = s.privacy.pending(task.job_id, task.round)
         if pending is None:
@@ -112,6 +119,10 @@ class Rounds:
             except RoundLateError as exc:
                 self._not_released(task, "late", str(exc))
                 return
+            except SecAggRefusedError as exc:  # not in the roster, a dropout, or a roster it must not mask against
+                why = "excluded" if isinstance(exc, ExcludedError) else "secagg_refused"
+                self._not_released(task, why, f"round {task.round}: {exc}")
+                return
             except TrainingStoppedError as exc:
                 self._not_released(task, "stopped", f"round {task.round}'s local training reached the round's "
                                    f"deadline or this site's limit of {s.policy.compute.max_round_seconds:g} s and was "
@@ -125,6 +136,8 @@ class Rounds:
             log.info("resending_released_update")
         failpoint("released_before_upload")
         await self._upload(task, pending)
+        if secure:
+            self.secure.start_unmask(task)
 
     def _not_released(self, task: RoundTask, why: str, reason: str) -> None:
         """A round whose update will never be sent: counted, logged, audited, and the aggregator told why."""
@@ -138,6 +151,7 @@ class Rounds:
     async def _privatized_round(self, task: RoundTask, job: ActiveJob) -> PrivatizedUpdate:
         s, spec = self._s, job.spec
         started = time.time()
+        secure = await self.secure.share(task, job) if spec.secure_aggregation is not None else None
         model = await self._global_model(task, spec)
         before = get_weights(model)
         evaluation = self._metrics(model, spec, job.data)
@@ -151,10 +165,11 @@ class Rounds:
         after = get_weights(model)
         delta = {k: after[k] - before[k] for k in before}
         budget = s.policy.privacy.budgets[spec.dataset.name]
+        masker = await self.secure.masker(task, secure) if secure is not None else None
         update = s.privacy.privatize(
             s.name, task.job_id, task.round, spec, job.plan, delta, job.data.n_train, evaluation, train_loss,
             budget=budget, budget_since=budget_window_start(budget.reset_period_days),
-            share_tracking=s.policy.egress.share_tracking, release_by=task.deadline,
+            share_tracking=s.policy.egress.share_tracking, release_by=task.deadline, masker=masker,
         )
         s.metrics.rounds_trained.inc()
         s.update_budget_gauges(spec.dataset.name)
@@ -186,15 +201,4 @@ class Rounds:
 
     async def _retrying(self, call: Callable[[], Awaitable[bytes]], task: RoundTask) -> bytes:
         """Retry transient failures (network, 5xx) with backoff until the task's deadline."""
-        delay = 0.25
-        while True:
-            try:
-                return await call()
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                if isinstance(exc, aiohttp.ClientResponseError) and exc.status < 500:
-                    raise
-                if task.deadline is not None and time.time() + delay > task.deadline:
-                    raise UploadRejectedError(0, "deadline_passed", f"gave up: {exc}") from exc
-                log.warning("aggregator_unreachable", error=str(exc)[:200], retry_in_s=delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
+        return await retrying(call, task.deadline)

@@ -3,6 +3,7 @@ takes part in, with the few actions every part needs (audit, answer the aggregat
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from agent.egress import EgressGate
 from agent.policy import DatasetPolicy, SitePolicy
 from agent.privacy import PrivacyEngine, budget_window_start
 from agent.privacy_policy import SitePrivacy, per_unit
+from agent.secagg import KEY_FILE, ShareKeys
 from agent.state import AgentState
 from agent.status_server import AgentMetrics
 from federation.bounds import MAX_REASONS, MAX_TEXT
@@ -52,6 +54,11 @@ class Site:
     @property
     def name(self) -> str:
         return self.cfg.site
+
+    @functools.cached_property
+    def share_keys(self) -> ShareKeys:
+        """Secure aggregation's per-job share keys (their master secret is made on first use)."""
+        return ShareKeys(self.cfg.state_dir / KEY_FILE)
 
     def log_audit(self, event: str, **fields: Any) -> None:
         self.audit.append(event, site=self.name, **fields)

@@ -1,4 +1,5 @@
-"""The agent's durable state (SQLite, WAL, synchronous=FULL): job decisions and the release log.
+"""The agent's durable state (SQLite, WAL, synchronous=FULL): job decisions, the release log, and what secure
+aggregation must remember across a restart (the split each round's reveal was for, the rounds it shared in).
 
 The release log is the privacy ledger: a round's exact privatized bytes and the ε it spends *in each unit* its
 mechanisms protect (`spend`: per patient record, per site, or both) are written in one transaction before
@@ -42,6 +43,13 @@ CREATE INDEX IF NOT EXISTS spend_ledger ON spend (dataset, unit, at, job_id, eps
 -- What an accepted job may spend in each unit over all its rounds (its plan), reserved against the budgets.
 CREATE TABLE IF NOT EXISTS plans (job_id TEXT NOT NULL, unit TEXT NOT NULL, epsilon REAL NOT NULL,
   PRIMARY KEY (job_id, unit));
+-- Secure aggregation: the one split of a round's roster into survivors and dropped sites this site revealed shares
+-- for (never a second: two splits could hand over both kinds of share of one site), and the rounds it posted its
+-- shares in (a restart before uploading makes it a dropout of that round: its mask secrets are gone).
+CREATE TABLE IF NOT EXISTS reveals (job_id TEXT NOT NULL, round INTEGER NOT NULL, survivors TEXT NOT NULL,
+  dropped TEXT NOT NULL, at REAL NOT NULL, PRIMARY KEY (job_id, round));
+CREATE TABLE IF NOT EXISTS shared (job_id TEXT NOT NULL, round INTEGER NOT NULL, mask_key TEXT NOT NULL,
+  at REAL NOT NULL, PRIMARY KEY (job_id, round));
 """
 # A state database written before the ledger was kept per unit has one ε per release and per plan, in the unit
 # the job declared: copy those into `spend` and `plans` once (idempotent), so no spend is forgotten on upgrade.
@@ -194,6 +202,33 @@ class AgentState:
     def releases_for(self, job_id: str) -> int:
         row = self._db.execute("SELECT COUNT(*) FROM releases WHERE job_id=?", (job_id,)).fetchone()
         return int(row[0])
+
+    def record_reveal(self, job_id: str, rnd: int, survivors: list[str], dropped: list[str]) -> None:
+        """Durably record the split this site reveals for (before the reveal is sent). Recording the same split again
+        is a no-op; another split for the round raises ValueError (the caller has refused it already)."""
+        split = (json.dumps(sorted(survivors)), json.dumps(sorted(dropped)))
+        with self._transaction():
+            row = self._db.execute("SELECT survivors, dropped FROM reveals WHERE job_id=? AND round=?",
+                                   (job_id, rnd)).fetchone()
+            if row is not None:
+                if (row[0], row[1]) != split:
+                    raise ValueError(f"round {rnd} of job {job_id} already revealed for another split")
+                return
+            self._db.execute("INSERT INTO reveals VALUES (?,?,?,?,?)", (job_id, rnd, *split, time.time()))
+
+    def reveal_of(self, job_id: str, rnd: int) -> tuple[list[str], list[str]] | None:
+        """The (survivors, dropped) split this site revealed for in that round, if any."""
+        row = self._db.execute("SELECT survivors, dropped FROM reveals WHERE job_id=? AND round=?",
+                               (job_id, rnd)).fetchone()
+        return (list(json.loads(row[0])), list(json.loads(row[1]))) if row else None
+
+    def record_shared(self, job_id: str, rnd: int, mask_key: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO shared VALUES (?,?,?,?)", (job_id, rnd, mask_key, time.time()))
+
+    def shared(self, job_id: str, rnd: int) -> str | None:
+        """The mask key this site posted shares of in that round, if it did."""
+        row = self._db.execute("SELECT mask_key FROM shared WHERE job_id=? AND round=?", (job_id, rnd)).fetchone()
+        return str(row[0]) if row else None
 
     def close(self) -> None:
         self._db.close()

@@ -36,6 +36,13 @@ class AgentMetrics:
                                     ["dataset", "unit"], registry=r)
         self.bytes_sent = Counter("fedsilo_agent_sent_bytes", "Bytes sent to the aggregator (HTTP bodies).",
                                   registry=r)
+        # Secure aggregation: reveals sent (shares this site opened for the unmask step), and refusals (`what`:
+        # reveal, a whole request refused, e.g. a second split of one round; share, one inbox share that failed to
+        # open, e.g. replayed from another round).
+        self.secagg_reveals_sent = Counter("fedsilo_agent_secagg_reveals_sent",
+                                           "Secure-aggregation reveals accepted by the aggregator.", registry=r)
+        self.secagg_refusals = Counter("fedsilo_agent_secagg_refusals",
+                                       "Secure-aggregation unmask requests or shares refused.", ["what"], registry=r)
         self.connected = Gauge("fedsilo_agent_broker_connected", "1 while connected to the broker.", registry=r)
 
 

@@ -2,11 +2,15 @@
 addressed to this site on the right topic, not expired, not a replay of an older message.
 
 A message identical to the last one accepted for its job passes again: retained messages are re-delivered
-after every reconnect, and the agent's handling of them is idempotent."""
+after every reconnect, and the agent's handling of them is idempotent.
+
+Secure aggregation's signed roster and unmask request (fetched over HTTP, not MQTT) are checked here too: signed by
+the same key, for the job and round the site asked about."""
 
 from __future__ import annotations
 
 import time
+from typing import TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
@@ -14,7 +18,10 @@ from pydantic import ValidationError
 from agent.state import AgentState
 from federation import topics
 from federation.messages import JobOffer, RoundTask
+from federation.secagg.messages import MaskRoster, UnmaskRequest
 from federation.signing import SignatureError, verify
+
+Signed = TypeVar("Signed", MaskRoster, UnmaskRequest)
 
 
 class MessageRefusedError(Exception):
@@ -59,4 +66,25 @@ class Verifier:
                 raise MessageRefusedError(
                     f"replayed {channel} for {msg.job_id}: older than one already accepted", msg.job_id)
         self._state.mark_seen(msg.job_id, channel, msg.issued_at, msg.nonce)
+        return msg
+
+    def roster(self, data: bytes, job_id: str, rnd: int) -> MaskRoster:
+        """A secure round's signed roster, as `GET …/secagg/roster` returned it."""
+        return self._signed(MaskRoster, data, job_id, rnd)
+
+    def unmask_request(self, text: str, job_id: str, rnd: int) -> UnmaskRequest:
+        """The signed request inside `UnmaskWork.request`."""
+        return self._signed(UnmaskRequest, text.encode(), job_id, rnd)
+
+    def _signed(self, model: type[Signed], data: bytes, job_id: str, rnd: int) -> Signed:
+        what = model.__name__
+        try:
+            msg = model.model_validate(verify(data, self._key))
+        except SignatureError as exc:
+            raise MessageRefusedError(f"refused a {what} for {job_id} round {rnd}: {exc}", job_id) from None
+        except ValidationError as exc:
+            raise MessageRefusedError(f"refused a malformed signed {what}: {str(exc)[:300]}", job_id) from None
+        if (msg.job_id, msg.round) != (job_id, rnd):
+            raise MessageRefusedError(f"a signed {what} for {msg.job_id} round {msg.round} was served for {job_id} "
+                                      f"round {rnd}", job_id)
         return msg

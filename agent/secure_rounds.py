@@ -1,0 +1,174 @@
+"""A secure-aggregation round at this site (`federation.secagg.messages` has the protocol; `agent.secagg` the
+state): share before training, mask against the frozen roster, then reveal in the background.
+
+`Rounds` trains and releases as for any round; this module adds the steps around it. Posting the shares and reading
+the roster are bounded by the round's deadline; the unmask phase runs as a background task (the message worker is not
+held while other sites finish) bounded by the unmask request's deadline, and is cancelled with the job or the daemon.
+It needs only the job's share key and the inbox the aggregator serves, so an agent that restarts after uploading
+still reveals for that round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import numpy as np
+import structlog
+
+from agent.egress import EgressRefusedError, UploadRejectedError, retrying
+from agent.privacy import RoundLateError
+from agent.secagg import ExcludedError, SecAggRefusedError, SecureRound, reveal
+from agent.site import ActiveJob, Site
+from agent.verifier import MessageRefusedError, Verifier
+from federation.messages import RoundTask
+from federation.secagg.messages import MAX_WAIT_S, MaskRoster, UnmaskWork
+
+log = structlog.get_logger(__name__)
+# How long after the round's deadline a site keeps asking for unmask work: the aggregator issues the request once the
+# round's uploads are in, at the latest at the deadline; this covers an aggregator restart or failover in between.
+UNMASK_AFTER_DEADLINE_S = 300.0
+MIN_POLL_S = 1.0  # a 202 that comes back sooner than this is waited out, so an impatient server is not hammered
+T = TypeVar("T")
+
+
+class SecureRounds:
+    def __init__(self, site: Site, verifier: Verifier) -> None:
+        self._s = site
+        self._verifier = verifier
+        self._unmasking: dict[tuple[str, int], asyncio.Task[None]] = {}
+
+    # ---------------------------------------------------------------- before and after training
+    async def share(self, task: RoundTask, job: ActiveJob) -> SecureRound:
+        """Make the round's mask secrets and post their shares, retrying until the deadline. A site that already
+        posted shares for this round (before a restart) lost those secrets: it is a dropout (`ExcludedError`)."""
+        s = self._s
+        if s.state.shared(task.job_id, task.round) is not None:
+            raise ExcludedError(f"this site posted its shares for round {task.round} and restarted before uploading: "
+                                "its round secrets are gone, so it is a dropout of this round; nothing was released "
+                                "or charged")
+        if task.share_keys is None:
+            raise SecAggRefusedError("the task of a secure-aggregation job carries no share keys")
+        secure = SecureRound(s.name, task.job_id, task.round, job.spec.secagg_threshold,
+                             s.share_keys.private(task.job_id), task.share_keys, job.spec.sites)
+        bundle = secure.bundle()
+        s.state.record_shared(task.job_id, task.round, secure.mask_key)
+        try:
+            ack = await retrying(lambda: s.gate.send_shares(bundle), task.deadline)
+        except UploadRejectedError as exc:
+            if exc.code == "roster_frozen":
+                raise ExcludedError(f"round {task.round}'s roster was frozen before this site's shares arrived: "
+                                    "nothing was trained, released or charged") from None
+            raise
+        log.info("secagg_shares_sent", participants=len(bundle.shares), ack=ack.decode(errors="replace")[:100])
+        return secure
+
+    async def masker(self, task: RoundTask, secure: SecureRound) -> Callable[[np.ndarray], np.ndarray]:
+        """The round's roster (long-polled until the deadline), checked; the mask bound to it for the privacy
+        engine. No roster in time: `RoundLateError`; not in it: `ExcludedError`; neither is released or charged."""
+        roster = await self._roster(task.job_id, task.round, task.deadline)
+        if roster is None:
+            raise RoundLateError(f"round {task.round}'s roster was not frozen before its deadline: its update was not "
+                                 "released and no ε was charged")
+        secure.check_roster(roster)
+        log.info("secagg_roster", sites=len(roster.mask_keys))
+        return lambda values: secure.mask(values, roster)
+
+    async def _roster(self, job_id: str, rnd: int, deadline: float | None) -> MaskRoster | None:
+        body = await _poll(functools.partial(self._s.gate.fetch_roster, job_id, rnd), deadline)
+        return None if body is None else self._verifier.roster(body, job_id, rnd)
+
+    # ---------------------------------------------------------------- unmask
+    def start_unmask(self, task: RoundTask) -> None:
+        """Run the round's unmask phase in the background (once at a time per round; a repeated task is a no-op
+        while it runs, and runs it again after: revealing the same split again is idempotent)."""
+        key = (task.job_id, task.round)
+        if key in self._unmasking:
+            return
+        job = asyncio.create_task(self.unmask(task))
+        self._unmasking[key] = job
+        job.add_done_callback(lambda _: self._unmasking.pop(key, None))
+
+    def cancel_job(self, job_id: str) -> None:
+        for (job, _), t in list(self._unmasking.items()):
+            if job == job_id:
+                t.cancel()
+
+    async def stop(self) -> None:
+        tasks = list(self._unmasking.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def join(self) -> None:
+        """Wait for the unmask phases in flight to end."""
+        await asyncio.gather(*self._unmasking.values(), return_exceptions=True)
+
+    async def unmask(self, task: RoundTask) -> None:
+        """The round's unmask phase: the roster, this site's unmask work, the checked reveal, recorded, then sent."""
+        with structlog.contextvars.bound_contextvars(job=task.job_id, round=task.round):
+            try:
+                await self._unmask_round(task)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the daemon outlives any one round's unmask phase
+                log.exception("secagg_unmask_failed", reason=str(exc)[:300])
+
+    async def _unmask_round(self, task: RoundTask) -> None:
+        s, job_id, rnd = self._s, task.job_id, task.round
+        horizon = (task.deadline if task.deadline is not None else time.time()) + UNMASK_AFTER_DEADLINE_S
+        roster = await self._roster(job_id, rnd, horizon)
+        work = await self._work(job_id, rnd, horizon) if roster is not None else None
+        if roster is None or work is None:
+            log.warning("secagg_no_unmask_work", roster=roster is not None)
+            return
+        try:
+            request = self._verifier.unmask_request(work.request, job_id, rnd)
+            outcome = reveal(s.name, s.share_keys.private(job_id), task.share_keys or {}, work, request, roster,
+                             s.state.reveal_of(job_id, rnd))
+        except (MessageRefusedError, SecAggRefusedError) as exc:
+            reason = str(exc)
+            s.metrics.secagg_refusals.labels("reveal").inc()
+            log.warning("secagg_reveal_refused", reason=reason)
+            s.log_audit("secagg_reveal_refused", job_id=job_id, round=rnd, reason=reason)
+            s.event(job_id, "error", [f"round {rnd}: refused to reveal shares: {reason}"], round=rnd)
+            return
+        if outcome.unopened:
+            s.metrics.secagg_refusals.labels("share").inc(len(outcome.unopened))
+            log.warning("secagg_shares_refused", senders=sorted(outcome.unopened))
+            s.log_audit("secagg_share_refused", job_id=job_id, round=rnd, senders=outcome.unopened)
+        s.state.record_reveal(job_id, rnd, request.survivors, request.dropped)  # before it leaves: never two splits
+        try:
+            ack = await retrying(lambda: s.gate.send_reveal(outcome.reveal), request.deadline)
+        except (UploadRejectedError, EgressRefusedError) as exc:
+            log.warning("secagg_reveal_not_sent", reason=str(exc)[:300])
+            return
+        s.metrics.secagg_reveals_sent.inc()
+        log.info("secagg_reveal_sent", self_mask_shares=len(outcome.reveal.self_mask_shares),
+                 mask_key_shares=len(outcome.reveal.mask_key_shares), ack=ack.decode(errors="replace")[:100])
+
+    async def _work(self, job_id: str, rnd: int, horizon: float) -> UnmaskWork | None:
+        try:
+            return await _poll(functools.partial(self._s.gate.fetch_unmask, job_id, rnd), horizon)
+        except UploadRejectedError as exc:
+            if exc.code == "not_a_survivor":
+                log.info("secagg_not_a_survivor", detail=exc.detail[:200])
+                return None
+            raise
+
+
+async def _poll(fetch: Callable[[float], Awaitable[T | None]], deadline: float | None) -> T | None:
+    """Long-poll `fetch(wait)` until it returns something or `deadline` passes (None at the deadline)."""
+    while True:
+        wait = MAX_WAIT_S if deadline is None else min(MAX_WAIT_S, deadline - time.time())
+        if wait <= 0:
+            return None
+        started = time.monotonic()
+        got = await retrying(functools.partial(fetch, wait), deadline)
+        if got is not None:
+            return got
+        await asyncio.sleep(max(0.0, min(wait, MIN_POLL_S) - (time.monotonic() - started)))
+
