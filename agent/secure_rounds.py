@@ -79,7 +79,10 @@ class SecureRounds:
 
     async def _roster(self, job_id: str, rnd: int, deadline: float | None) -> MaskRoster | None:
         body = await _poll(functools.partial(self._s.gate.fetch_roster, job_id, rnd), deadline)
-        return None if body is None else self._verifier.roster(body, job_id, rnd)
+        try:
+            return None if body is None else self._verifier.roster(body, job_id, rnd)
+        except MessageRefusedError as exc:  # not signed by the aggregator, or another round's: never masked against
+            raise SecAggRefusedError(exc.reason) from None
 
     # ---------------------------------------------------------------- unmask
     def start_unmask(self, task: RoundTask) -> None:
@@ -120,12 +123,12 @@ class SecureRounds:
     async def _unmask_round(self, task: RoundTask) -> None:
         s, job_id, rnd = self._s, task.job_id, task.round
         horizon = (task.deadline if task.deadline is not None else time.time()) + UNMASK_AFTER_DEADLINE_S
-        roster = await self._roster(job_id, rnd, horizon)
-        work = await self._work(job_id, rnd, horizon) if roster is not None else None
-        if roster is None or work is None:
-            log.warning("secagg_no_unmask_work", roster=roster is not None)
-            return
         try:
+            roster = await self._roster(job_id, rnd, horizon)
+            work = await self._work(job_id, rnd, horizon) if roster is not None else None
+            if roster is None or work is None:
+                log.warning("secagg_no_unmask_work", roster=roster is not None)
+                return
             request = self._verifier.unmask_request(work.request, job_id, rnd)
             outcome = reveal(s.name, s.share_keys.private(job_id), task.share_keys or {}, work, request, roster,
                              s.state.reveal_of(job_id, rnd))

@@ -17,8 +17,10 @@ class AgentMetrics:
         r = self.registry = CollectorRegistry()
         self.jobs_decided = Counter("fedsilo_agent_job_decisions", "Job offers decided.", ["decision"], registry=r)
         self.rounds_trained = Counter("fedsilo_agent_rounds_trained", "Rounds trained and privatized.", registry=r)
-        # `reason`: late (the round's deadline passed before release) or stopped (training hit the deadline or the
-        # site's max_round_seconds). Nothing was released or charged for these.
+        # `reason`: late (the round's deadline passed before release), stopped (training hit the deadline or the
+        # site's max_round_seconds), excluded (secure aggregation: not in the round's roster, or a dropout after a
+        # restart) or secagg_refused (a task or roster this site must not mask against). Nothing was released or
+        # charged for these.
         self.rounds_not_released = Counter("fedsilo_agent_rounds_not_released",
                                            "Rounds whose update was not released (nor charged): too late.",
                                            ["reason"], registry=r)

@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from agent.audit import AuditLog
 from agent.egress import EgressGate, EgressRefusedError
 from agent.policy import EgressPolicy
-from agent.secagg import ExcludedError, ShareKeys
+from agent.secagg import ExcludedError, SecAggRefusedError, ShareKeys
 from agent.secure_rounds import SecureRounds
 from agent.site import ActiveJob, Site
 from agent.state import AgentState
@@ -163,8 +163,12 @@ def test_a_site_not_in_the_roster_is_excluded(tmp_path: Path, ks: dict[str, Shar
     gate.roster = sign(roster(others), KEY)
     with pytest.raises(ExcludedError, match="not in round 1's roster"):
         asyncio.run(sr.masker(task(ks), mine))
-    gate.roster = sign(roster({**others, B: gate.shares[0]}), KEY)
-    asyncio.run(sr.masker(task(ks), mine))  # in it, with its own key: masks
+    with_b = roster({**others, B: gate.shares[0]})
+    gate.roster = sign(with_b, Ed25519PrivateKey.generate())
+    with pytest.raises(SecAggRefusedError, match="bad signature"):
+        asyncio.run(sr.masker(task(ks), mine))
+    gate.roster = sign(with_b, KEY)
+    asyncio.run(sr.masker(task(ks), mine))  # in it, with its own key, signed by the aggregator: masks
 
 
 def test_a_site_restarted_after_sharing_is_a_dropout_and_a_late_sharer_is_excluded(
