@@ -20,7 +20,8 @@ _WORDS = {**UNIT_WORDS, ALONE: "per site, own noise alone"}
 def spend_by_unit(spec: JobSpec, env: UpdateEnvelope) -> dict[str, float | None]:
     """The ε an update's envelope reports, per unit (the job's unit first)."""
     reported = {s.unit: s.epsilon for s in env.privacy}
-    alone = {ALONE: s.epsilon_alone for s in env.privacy if s.unit == "site" and s.epsilon_alone is not None}
+    site = env.spend("site")
+    alone = {ALONE: site.epsilon_alone} if site is not None and site.epsilon_alone is not None else {}
     return {spec.privacy.unit: reported.get(spec.privacy.unit, env.epsilon),
             **{u: e for u, e in reported.items() if u != spec.privacy.unit}, **alone}
 

@@ -59,7 +59,7 @@ def model(fed: LocalFederation, sha: str) -> dict[str, np.ndarray]:
 def plaintext(q: quantize.Quantization, rng: np.random.Generator) -> np.ndarray:
     """A site's quantized update: any integers within the clip bound (the noise is the site's business)."""
     vec = rng.normal(0, 1, q.dim)
-    vec *= min(1.0, 0.9 * q.clip_norm / np.linalg.norm(vec))
+    vec *= min(1.0, 0.9 * q.clip_norm / float(np.linalg.norm(vec)))
     return quantize.encode_mod(quantize.quantize(vec, q))
 
 
@@ -134,9 +134,10 @@ def test_the_aggregator_unmasks_exactly_the_sum_and_refuses_what_does_not_fit(fe
             assert (status, err["error"]) == (400, "malformed_reveal"), err  # both kinds for one site: never
         narrower = reveals["ann"].model_copy(update={"self_mask_shares": {}})
         assert sites["ann"].post_reveal(narrower)[1]["error"] == "reveal_mismatch"
-        for n in survivors:
-            status, ack = await asyncio.to_thread(sites[n].post_reveal, reveals[n])
-            assert status == 200, ack
+        answers = [await asyncio.to_thread(sites[n].post_reveal, reveals[n]) for n in survivors]
+        # The round closes at the threshold's reveal: a reveal after it is told the round is over.
+        assert [a[0] for a in answers[:spec.secagg_threshold]] == [200] * spec.secagg_threshold, answers
+        assert all(a[1].get("error") == "late_update" for a in answers[spec.secagg_threshold:]), answers
         wait_for(lambda: bool(stored(fed, "SELECT 1 FROM rounds WHERE job_id=? AND round=? AND state='closed'",
                                      job_id, rnd)), 30, f"round {rnd} closed")
         (out,) = stored(fed, "SELECT model_out FROM rounds WHERE job_id=? AND round=?", job_id, rnd)[0]
@@ -146,7 +147,7 @@ def test_the_aggregator_unmasks_exactly_the_sum_and_refuses_what_does_not_fit(fe
     asyncio.run(run())
     summary = fed.wait_job(job_id, timeout=60)  # the final evaluation closes at its deadline: no evaluators here
     assert summary["state"] == "finished", summary["reason"]
-    assert [h["sites_reporting"] for h in summary["history"][1:3]] == [4, 3]
+    assert {h["round"]: h["sites_reporting"] for h in summary["history"]} == {1: 4, 2: 3}
 
 
 def test_a_round_with_fewer_survivors_than_the_threshold_fails_and_unmasks_nothing(fed: LocalFederation) -> None:
