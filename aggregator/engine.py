@@ -19,9 +19,11 @@ import structlog
 
 from aggregator.jobevents import JobEnded, JobResumed
 from aggregator.privacy_units import spend_by_unit
-from aggregator.rounds import RoundTransitions, nonce
+from aggregator.rounds import nonce
 from aggregator.runner import ACTIVE, JobRunner, initial_weights, new_job_id
-from aggregator.store import JobRow, RoundRow, SiteDecision, UpdateRow
+from aggregator.secagg import check_masked
+from aggregator.secure_rounds import SecureSteps
+from aggregator.store import JobRow, SiteDecision, UpdateRow
 from aggregator.store.leases import Fence, FencedOut
 from aggregator.store.quarantine import Quarantined
 from aggregator.strategies import make_strategy
@@ -30,12 +32,13 @@ from federation import topics
 from federation.faults import failpoint
 from federation.jobs import JobSpec
 from federation.messages import EvalMetrics, EvaluationReport, JobOffer, SiteEvent, UpdateEnvelope
+from federation.secagg.job import model_dim
 from federation.tensors import decode, encode, frame_limit
 
 log = structlog.get_logger(__name__)
 
 
-class RoundEngine(RoundTransitions):
+class RoundEngine(SecureSteps):
     # ---------------------------------------------------------------- lifecycle
     async def submit(self, spec: JobSpec, requester: str) -> str:
         job_id = new_job_id(spec.name)
@@ -125,6 +128,8 @@ class RoundEngine(RoundTransitions):
                            state=job.state, paused=job.paused, fence=fence)
         for d in await self._db(self._store.decisions, job.job_id):
             runner.decide(d.site, d.decision)
+        if job.spec.secure_aggregation is not None:
+            await self._load_share_keys(runner)
         self._runners[job.job_id] = runner
         async with runner.lock:
             if job.state == "offered":
@@ -149,7 +154,9 @@ class RoundEngine(RoundTransitions):
             await self._after_close(runner, rnd)
             return
         runner.strategy.reset(runner.global_weights)
-        if rnd.kind == "train":
+        if rnd.kind == "train" and runner.spec.secure_aggregation is not None:
+            await self._secure_recover(runner, rnd.round)
+        elif rnd.kind == "train":
             for u in await self._db(self._store.updates, job.job_id, job.round):
                 runner.strategy.add(decode(await self._db(self._blobs.get, u.sha256)), u.num_samples)
                 runner.reported.add(u.site)
@@ -157,13 +164,21 @@ class RoundEngine(RoundTransitions):
             runner.reported = set((await self._db(self._store.evaluations, job.job_id, rnd.round - 1)).get(
                 rnd.round - 1, {}))
         self._announce(runner, rnd)
-        self._arm(runner, max(rnd.deadline - time.time(), 0.0), self._round_deadline)
+        unmask = runner.secure.unmask if runner.secure is not None and rnd.kind == "train" else None
+        if unmask is not None:
+            self._arm(runner, max(unmask.deadline - time.time(), 0.0), self._unmask_deadline)
+        else:
+            self._arm(runner, max(rnd.deadline - time.time(), 0.0), self._round_deadline)
         await self._maybe_close(runner)
 
     def update_limit(self, job_id: str) -> int | None:
         """The largest update body the active job `job_id` can have (None: no such active job)."""
         runner = self._runners.get(job_id)
-        return frame_limit(runner.global_weights) if runner is not None else None
+        if runner is None:
+            return None
+        if runner.spec.secure_aggregation is not None:
+            return self._secure_update_limit(runner)
+        return frame_limit(runner.global_weights)
 
     def invited(self, job_id: str, site: str) -> bool:
         """Whether `site` was offered the active job `job_id` (what it sends about it is worth a stored row)."""
@@ -208,8 +223,9 @@ class RoundEngine(RoundTransitions):
         """Stop writing, and hand each job's lease over: on a rolling update the other replicas take the jobs at
         their next look (a quarter of the TTL) rather than after the lease's TTL."""
         for r in self._runners.values():
-            if r.timer is not None:
-                r.timer.cancel()
+            for timer in (r.timer, r.secure_timer):
+                if timer is not None:
+                    timer.cancel()
         for job_id, r in list(self._runners.items()):
             async with r.lock:  # a write in flight finishes first
                 self.lose(job_id, "this replica is shutting down")
@@ -243,13 +259,17 @@ class RoundEngine(RoundTransitions):
                 decision = {"accepted": "accepted", "refused": "refused"}.get(event.kind, "stopped")
                 if decision == "accepted" and runner.decisions[event.site] != "offered":
                     return  # a repeated answer (e.g. after an agent restart) changes nothing
+                reasons = event.reasons
+                if decision == "accepted" and runner.spec.secure_aggregation is not None:
+                    missing = await self._secure_key(runner, event)
+                    decision, reasons = ("refused", missing) if missing else (decision, reasons)
                 await self._db(
                     self._store.record_decision, event.job_id,
-                    SiteDecision(event.site, decision, event.reasons, event.epsilon_planned, event.at),
+                    SiteDecision(event.site, decision, reasons, event.epsilon_planned, event.at),
                     fence=runner.fence,
                 )
                 runner.decide(event.site, decision)
-                log.info("site_decision", decision=decision, reasons=event.reasons)
+                log.info("site_decision", decision=decision, reasons=reasons)
                 if decision == "refused":
                     self._metrics.site_refusals.labels(event.site).inc()
                 if runner.state == "offered":
@@ -271,8 +291,16 @@ class RoundEngine(RoundTransitions):
             if existing is not None:
                 return self._duplicate(existing, env)
         self._current(runner, env.round, "train")
+        secure = runner.spec.secure_aggregation is not None
+        if secure:
+            self._check_masked_upload(runner, site, env.round)
         async with self._ingest:
-            update = await asyncio.to_thread(check_update, body, env.sha256, runner.global_weights, runner.spec, env)
+            if secure:
+                update = {"masked": await asyncio.to_thread(check_masked, body, env.sha256,
+                                                            model_dim(runner.global_weights))}
+            else:
+                update = await asyncio.to_thread(check_update, body, env.sha256, runner.global_weights, runner.spec,
+                                                 env)
             await self._db.io(self._blobs.put, body, "update")
         failpoint("ingest_after_blob")
         spend = spend_by_unit(runner.spec, env)
@@ -281,6 +309,7 @@ class RoundEngine(RoundTransitions):
             if existing is not None:
                 return self._duplicate(existing, env)
             self._current(runner, env.round, "train")
+            sr = self._check_masked_upload(runner, site, env.round) if secure else None
             row = UpdateRow(
                 env.job_id, env.round, site, env.sha256, env.num_samples, env.train_loss, env.epsilon, time.time(),
                 env.share_tracking, tuple(spend.items()),
@@ -288,7 +317,10 @@ class RoundEngine(RoundTransitions):
             failpoint("ingest_before_commit")
             await self._db(self._store.add_update, row, env.evaluation, fence=runner.fence)
             failpoint("ingest_after_commit")
-            runner.strategy.add(update, env.num_samples)
+            if sr is not None:
+                sr.add_masked(site, update["masked"])
+            else:
+                runner.strategy.add(update, env.num_samples)
             runner.reported.add(site)
             self._metrics.updates_received.labels(site).inc()
             self._metrics.observe_spend(env.job_id, site, spend)
@@ -315,32 +347,3 @@ class RoundEngine(RoundTransitions):
                 log.info("evaluation_accepted", round=report.round, n=evaluation.n)
                 await self._maybe_close(runner)
         return {"status": "accepted" if added else "duplicate", "job_id": report.job_id, "round": report.round}
-
-    async def _runner_for(self, site: str, job_id: str) -> JobRunner:
-        runner = self._runners.get(job_id)
-        if runner is None:
-            job = await self._db(self._store.get_job, job_id)
-            if job is None:
-                raise Rejection("unknown_job", f"no job {job_id!r}", 404)
-            if job.state in ACTIVE:  # another replica writes it now (or will, once its lease is taken): retry
-                raise Rejection("writer_changed", f"job {job_id} is written by another replica now; retry", 503)
-            raise Rejection("job_not_running", f"job {job_id} is {job.state}", 409)
-        if site not in runner.active_sites:
-            raise Rejection("site_not_in_job", f"site {site!r} has not accepted job {job_id}", 403)
-        return runner
-
-    @staticmethod
-    def _current(runner: JobRunner, rnd: int, kind: str) -> RoundRow:
-        """The open round `rnd` of `kind`, from the runner's own record of it; raises `Rejection` otherwise."""
-        if runner.state == "lost":  # its lease went while this request waited: the new writer takes the retry
-            raise Rejection("writer_changed", f"job {runner.job_id} is written by another replica now; retry", 503)
-        if runner.state != "running" or runner.round is None:
-            raise Rejection("job_not_running", f"job {runner.job_id} is {runner.state}", 409)
-        current = runner.round
-        if rnd < current.round:
-            raise Rejection("late_update", f"round {rnd} is closed; the job is in round {current.round}", 409)
-        if rnd > current.round:
-            raise Rejection("round_not_open", f"round {rnd} has not started; current round {current.round}", 409)
-        if current.state != "open" or current.kind != kind:
-            raise Rejection("round_not_open", f"round {rnd} is not an open {kind} round", 409)
-        return current

@@ -16,6 +16,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 from federation.jobs import JobSpec
 from federation.messages import ENVELOPE_HEADER, EvalMetrics, EvaluationReport, UpdateEnvelope
+from federation.secagg.messages import MAX_WAIT_S, MaskRoster, Reveal, ShareBundle, UnmaskRequest, UnmaskWork
 
 REF = "#/components/schemas/{model}"
 
@@ -174,7 +175,8 @@ _MODELS: list[tuple[type[BaseModel], JsonSchemaMode]] = [
     (JobSummary, "serialization"), (JobControl, "serialization"), (SiteRow, "serialization"),
     (QuarantineRow, "serialization"), (AuditHeadRow, "serialization"),
     (SiteDecisionRow, "serialization"), (RejectionRow, "serialization"), (Me, "serialization"),
-    (Health, "serialization"), (UploadAck, "serialization"),
+    (Health, "serialization"), (UploadAck, "serialization"), (ShareBundle, "validation"), (Reveal, "validation"),
+    (MaskRoster, "serialization"), (UnmaskRequest, "serialization"), (UnmaskWork, "serialization"),
 ]
 OPERATOR: list[dict[str, list[str]]] = [{"bearerAuth": []}, {"operatorCertificate": []}]
 SITE: list[dict[str, list[str]]] = [{"siteCertificate": []}]
@@ -291,11 +293,41 @@ def _paths() -> dict[str, Any]:
             {"200": _json(_ref(UploadAck), "recorded"), **_errors(400, 401, 403, 404, 409)},
             security=SITE, tag="sites", parameters=[JOB_ID, ROUND],
             body={"required": True, "content": {"application/json": {"schema": _ref(EvaluationReport)}}})},
+        **_secagg_paths(),
         "/healthz": {"get": _op("Liveness", {"200": _json(_ref(Health), "alive")}, tag="operations")},
         "/metrics": {"get": _op("Prometheus metrics", {"200": {"description": "text exposition format", "content": {
             "text/plain": {"schema": {"type": "string"}}}}}, tag="operations")},
         "/openapi.json": {"get": _op("This document", {"200": _json({"type": "object"}, "OpenAPI 3.1")},
                                      tag="operations")},
+    }
+
+
+def _secagg_paths() -> dict[str, Any]:
+    """Secure aggregation (`federation.secagg.messages`): a site's shares, the roster, the unmask work, its reveal."""
+    base = "/api/v1/jobs/{job_id}/rounds/{round}/secagg"
+    wait = {"name": "wait", "in": "query", "required": False, "description": f"seconds to wait for it (at most "
+            f"{MAX_WAIT_S:g}); 202 when it is not ready by then", "schema": {"type": "number", "minimum": 0}}
+    pending = _json({"type": "object", "properties": {"status": {"const": "pending"}}}, "not ready yet: ask again")
+    signed = {"type": "object", "properties": {"message": _ref(MaskRoster), "signature": {"type": "string"}}}
+    return {
+        f"{base}/shares": {"post": _op(
+            "Post this round's mask key and sealed shares (one per participant)",
+            {"200": _json(_ref(UploadAck), "stored durably"), **_errors(400, 401, 403, 404, 409)},
+            security=SITE, tag="sites", parameters=[JOB_ID, ROUND],
+            body={"required": True, "content": {"application/json": {"schema": _ref(ShareBundle)}}})},
+        f"{base}/roster": {"get": _op(
+            "The round's roster (signed): the sites every upload is masked against",
+            {"200": _json(signed, "the signed MaskRoster"), "202": pending, **_errors(401, 403, 404, 409)},
+            security=SITE, tag="sites", parameters=[JOB_ID, ROUND, wait])},
+        f"{base}/unmask": {"get": _op(
+            "The round's unmask request (signed) and the sealed shares addressed to the caller",
+            {"200": _json(_ref(UnmaskWork), "the work"), "202": pending, **_errors(401, 403, 404, 409)},
+            security=SITE, tag="sites", parameters=[JOB_ID, ROUND, wait])},
+        f"{base}/reveal": {"post": _op(
+            "Post the opened shares the unmask request asked of the caller",
+            {"200": _json(_ref(UploadAck), "stored durably"), **_errors(400, 401, 403, 404, 409)},
+            security=SITE, tag="sites", parameters=[JOB_ID, ROUND],
+            body={"required": True, "content": {"application/json": {"schema": _ref(Reveal)}}})},
     }
 
 

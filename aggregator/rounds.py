@@ -21,9 +21,10 @@ from aggregator.db import Db
 from aggregator.jobevents import JobEnded, JobEvent, RoundClosed
 from aggregator.leases import FOLLOWUP_TTL_S, LeaseSettings
 from aggregator.metrics import AggregatorMetrics
-from aggregator.runner import JobRunner, quorum_size, weighted
+from aggregator.runner import ACTIVE, JobRunner, quorum_size, weighted
 from aggregator.store import RoundRow, UpdateRow
 from aggregator.store.leases import FencedOut
+from aggregator.validation import Rejection
 from federation import topics
 from federation.faults import failpoint
 from federation.messages import EvalMetrics, RoundTask
@@ -80,8 +81,9 @@ class RoundTransitions:
         runner = self._runners.pop(job_id, None)
         if runner is None:
             return
-        if runner.timer is not None:
-            runner.timer.cancel()
+        for timer in (runner.timer, runner.secure_timer):
+            if timer is not None:
+                timer.cancel()
         runner.state = "lost"
         log.warning("lease_lost", job=job_id, reason=reason)
 
@@ -118,6 +120,8 @@ class RoundTransitions:
                                 None)
         runner.reported = set()
         runner.strategy.reset(runner.global_weights)
+        if kind == "train" and runner.spec.secure_aggregation is not None:
+            self._secure_open(runner, rnd)
         self._announce(runner, runner.round)
         self._arm(runner, runner.spec.round_deadline_s, self._round_deadline)
         log.info("round_opened", job=runner.job_id, round=rnd, kind=kind, sites=len(runner.active_sites))
@@ -127,6 +131,7 @@ class RoundTransitions:
             RoundTask(
                 kind=rnd.kind,  # type: ignore[arg-type]
                 job_id=runner.job_id, round=rnd.round, model_sha256=rnd.model_in, deadline=rnd.deadline,
+                share_keys=runner.share_keys if runner.secure is not None and rnd.kind == "train" else None,
                 issued_at=time.time(), expires_at=rnd.deadline, nonce=nonce(),
             )
         )
@@ -137,7 +142,9 @@ class RoundTransitions:
         r = runner.round
         if r is None or r.state != "open":
             return
-        if runner.active_sites and len(runner.reported & runner.active_sites) >= quorum_size(runner):
+        if runner.secure is not None and r.kind == "train":
+            await self._secure_progress(runner)
+        elif runner.active_sites and len(runner.reported & runner.active_sites) >= quorum_size(runner):
             await self._close(runner, r)
         elif len(runner.active_sites) < runner.spec.min_sites and r.kind == "train":
             await self._end(
@@ -149,6 +156,9 @@ class RoundTransitions:
     async def _round_deadline(self, runner: JobRunner) -> None:
         r = runner.round
         if runner.state != "running" or r is None or r.state != "open":
+            return
+        if runner.secure is not None and r.kind == "train":
+            await self._secure_deadline(runner)
             return
         missing = sorted(runner.active_sites - runner.reported)
         log.warning("round_deadline", job=runner.job_id, round=r.round, reported=len(runner.reported),
@@ -233,8 +243,9 @@ class RoundTransitions:
         """End the job: durable first, then the sites are told, then the follow-ups are posted (not awaited)."""
         if runner.ended:
             return
-        if runner.timer is not None and runner.timer is not asyncio.current_task():
-            runner.timer.cancel()
+        for timer in (runner.timer, runner.secure_timer):
+            if timer is not None and timer is not asyncio.current_task():
+                timer.cancel()
         await self._db(self._store.set_job_state, runner.job_id, state, reason, time.time(), fence=runner.fence)
         runner.state = state
         if runner.fence is not None and self._lease is not None:
@@ -256,7 +267,46 @@ class RoundTransitions:
         await self._refresh_job_gauge()
         self._post(JobEnded(runner.job_id, state))
 
+    # ---------------------------------------------------------------- secure aggregation (SecureSteps)
+    def _secure_open(self, runner: JobRunner, rnd: int) -> None:
+        raise NotImplementedError
+
+    async def _secure_progress(self, runner: JobRunner) -> None:
+        raise NotImplementedError
+
+    async def _secure_deadline(self, runner: JobRunner) -> None:
+        raise NotImplementedError
+
     # ---------------------------------------------------------------- helpers
+    async def _runner_for(self, site: str, job_id: str) -> JobRunner:
+        runner = self._runners.get(job_id)
+        if runner is None:
+            job = await self._db(self._store.get_job, job_id)
+            if job is None:
+                raise Rejection("unknown_job", f"no job {job_id!r}", 404)
+            if job.state in ACTIVE:  # another replica writes it now (or will, once its lease is taken): retry
+                raise Rejection("writer_changed", f"job {job_id} is written by another replica now; retry", 503)
+            raise Rejection("job_not_running", f"job {job_id} is {job.state}", 409)
+        if site not in runner.active_sites:
+            raise Rejection("site_not_in_job", f"site {site!r} has not accepted job {job_id}", 403)
+        return runner
+
+    @staticmethod
+    def _current(runner: JobRunner, rnd: int, kind: str) -> RoundRow:
+        """The open round `rnd` of `kind`, from the runner's own record of it; raises `Rejection` otherwise."""
+        if runner.state == "lost":  # its lease went while this request waited: the new writer takes the retry
+            raise Rejection("writer_changed", f"job {runner.job_id} is written by another replica now; retry", 503)
+        if runner.state != "running" or runner.round is None:
+            raise Rejection("job_not_running", f"job {runner.job_id} is {runner.state}", 409)
+        current = runner.round
+        if rnd < current.round:
+            raise Rejection("late_update", f"round {rnd} is closed; the job is in round {current.round}", 409)
+        if rnd > current.round:
+            raise Rejection("round_not_open", f"round {rnd} has not started; current round {current.round}", 409)
+        if current.state != "open" or current.kind != kind:
+            raise Rejection("round_not_open", f"round {rnd} is not an open {kind} round", 409)
+        return current
+
     def _arm(self, runner: JobRunner, delay: float, fn: Callable[[JobRunner], Awaitable[None]]) -> None:
         if runner.timer is not None:
             runner.timer.cancel()

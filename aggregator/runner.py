@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from aggregator.secagg import SecureRound
 from aggregator.store import RoundRow
 from aggregator.store.leases import Fence
 from aggregator.strategies import Strategy
@@ -42,6 +43,10 @@ class JobRunner:
     fence: Fence | None = None  # this replica's hold on the job's lease, checked by every write
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     timer: asyncio.Task[None] | None = None
+    # Secure aggregation: each accepting site's per-job share key, the open round's protocol state, its share window
+    share_keys: dict[str, str] = field(default_factory=dict)
+    secure: SecureRound | None = None
+    secure_timer: asyncio.Task[None] | None = None
 
     @property
     def ended(self) -> bool:

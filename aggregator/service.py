@@ -9,7 +9,7 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from aggregator import api, api_operators, api_sites
+from aggregator import api, api_operators, api_secagg, api_sites
 from aggregator.auth import OperatorTokens
 from aggregator.blobs import open_blobs
 from aggregator.config import AggregatorConfig
@@ -81,7 +81,7 @@ def create_app(cfg: AggregatorConfig) -> web.Application:
     app[api.TOKENS] = tokens
     app[api.TOKEN_REFUSED] = lambda reason: identity.tokens_refused.labels(reason).inc()
     app[api.LEASE], app[api.FORWARDER] = lease, forwarder
-    for table in (api.routes, api_operators.routes, api_sites.routes):
+    for table in (api.routes, api_operators.routes, api_sites.routes, api_secagg.routes):
         app.add_routes(table)
     add_console(app)  # static files only; the page reads everything through the API above
 

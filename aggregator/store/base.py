@@ -205,6 +205,15 @@ class StateStore(ABC):
     @abstractmethod
     def audit_head(self, site: str) -> dict[str, Any] | None: ...
 
+    # secure aggregation (aggregator.store.secagg)
+    @abstractmethod
+    def put_secagg(self, job_id: str, rnd: int, site: str, kind: str, body: str, at: float,
+                   fence: Fence | None = None) -> str:
+        """Store a protocol message once; return the stored body (the first one, on a repeat)."""
+
+    @abstractmethod
+    def secagg_rows(self, job_id: str, rnd: int, kind: str) -> dict[str, str]: ...
+
     # leases (aggregator.store.leases)
     @abstractmethod
     def db_now(self) -> float: ...

@@ -16,6 +16,7 @@ from aggregator.store.audit_heads import AuditHeadQueries
 from aggregator.store.base import JobRow, RoundRow, SiteDecision, StateStore, UpdateRow
 from aggregator.store.leases import Fence, LeaseQueries
 from aggregator.store.quarantine import QuarantineQueries
+from aggregator.store.secagg import SecAggQueries
 from federation.jobs import JobSpec
 from federation.messages import EvalMetrics
 
@@ -57,6 +58,9 @@ CREATE TABLE IF NOT EXISTS leases (
 CREATE TABLE IF NOT EXISTS audit_heads (
   site TEXT PRIMARY KEY, seq BIGINT NOT NULL, sha256 TEXT NOT NULL, at DOUBLE PRECISION NOT NULL,
   conflicts BIGINT NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS secagg (
+  job_id TEXT NOT NULL, round INTEGER NOT NULL, site TEXT NOT NULL, kind TEXT NOT NULL, body TEXT NOT NULL,
+  at DOUBLE PRECISION NOT NULL, PRIMARY KEY (job_id, round, kind, site));
 CREATE TABLE IF NOT EXISTS quarantine (
   id {serial} PRIMARY KEY, tbl TEXT NOT NULL, job_id TEXT, row_key TEXT NOT NULL, reason TEXT NOT NULL,
   row_json TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);
@@ -67,7 +71,7 @@ _JOB_COLUMNS = "job_id, spec, state, round, model_sha, reason, created_at, updat
 Row = dict[str, Any]
 
 
-class SqlStore(LeaseQueries, QuarantineQueries, AuditHeadQueries, StateStore):
+class SqlStore(LeaseQueries, QuarantineQueries, AuditHeadQueries, SecAggQueries, StateStore):
     """The store in portable SQL (SQLite ≥ 3.24 and PostgreSQL both speak `ON CONFLICT`). Subclasses supply
     the connection, transactions and the placeholder style; every query is written once, here."""
 

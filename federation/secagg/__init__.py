@@ -1,6 +1,3 @@
 """Secure aggregation (Bonawitz et al. 2017 with dropouts, full graph) with distributed discrete Gaussian noise
 (Kairouz, Liu & Steinke 2021): the math and the wire messages both sides share. The site's part is `agent.secagg`,
-the aggregator's `aggregator.secagg`; docs/secure-aggregation.md has the protocol and its threat model.
-
-The math (keys, shamir, masking, quantize, discrete_gaussian, accounting) is plain functions on bytes and numpy
-vectors, no I/O: the protocol that carries keys, shares and masked vectors calls these."""
+the aggregator's `aggregator.secagg`; docs/secure-aggregation.md has the protocol and its threat model."""

@@ -1,0 +1,78 @@
+"""The sites' secure-aggregation endpoints (`federation.secagg.messages`): post shares, wait for the round's
+roster, wait for the unmask request with the shares addressed to the caller, post a reveal. As for every site
+endpoint, the caller is the site its certificate names and every refusal goes through `aggregator.api.reject`."""
+
+from __future__ import annotations
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from aggregator.api import ENGINE, json_response, read_body, reject
+from aggregator.api_sites import malformed, site_call
+from aggregator.validation import Rejection
+from federation.secagg.messages import MAX_WAIT_S, Reveal, ShareBundle
+
+routes = web.RouteTableDef()
+
+
+def _wait(request: web.Request) -> float:
+    try:
+        return min(max(float(request.query.get("wait", "0")), 0.0), MAX_WAIT_S)
+    except ValueError:
+        return 0.0
+
+
+def _pending() -> web.Response:
+    return json_response({"status": "pending"}, status=202)
+
+
+@routes.post("/api/v1/jobs/{job_id}/rounds/{round}/secagg/shares")
+@site_call
+async def post_shares(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
+    try:
+        bundle = ShareBundle.model_validate_json(await read_body(request))
+    except ValidationError as exc:
+        return await reject(request, malformed("malformed_shares", exc), site, job_id, rnd)
+    if bundle.site != site or (bundle.job_id, bundle.round) != (job_id, rnd):
+        r = Rejection("identity_mismatch", "the bundle's site/job/round differ from the caller's", 403)
+        return await reject(request, r, site, job_id, rnd)
+    try:
+        return json_response(await request.app[ENGINE].receive_shares(site, bundle))
+    except Rejection as r:
+        return await reject(request, r, site, job_id, rnd)
+
+
+@routes.get("/api/v1/jobs/{job_id}/rounds/{round}/secagg/roster")
+@site_call
+async def get_roster(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
+    try:
+        signed = await request.app[ENGINE].secure_roster(site, job_id, rnd, _wait(request))
+    except Rejection as r:
+        return await reject(request, r, site, job_id, rnd)
+    return _pending() if signed is None else web.Response(body=signed, content_type="application/json")
+
+
+@routes.get("/api/v1/jobs/{job_id}/rounds/{round}/secagg/unmask")
+@site_call
+async def get_unmask(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
+    try:
+        work = await request.app[ENGINE].secure_unmask(site, job_id, rnd, _wait(request))
+    except Rejection as r:
+        return await reject(request, r, site, job_id, rnd)
+    return _pending() if work is None else web.Response(body=work.model_dump_json(), content_type="application/json")
+
+
+@routes.post("/api/v1/jobs/{job_id}/rounds/{round}/secagg/reveal")
+@site_call
+async def post_reveal(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
+    try:
+        reveal = Reveal.model_validate_json(await read_body(request))
+    except ValidationError as exc:
+        return await reject(request, malformed("malformed_reveal", exc), site, job_id, rnd)
+    if reveal.site != site or (reveal.job_id, reveal.round) != (job_id, rnd):
+        r = Rejection("identity_mismatch", "the reveal's site/job/round differ from the caller's", 403)
+        return await reject(request, r, site, job_id, rnd)
+    try:
+        return json_response(await request.app[ENGINE].receive_reveal(site, reveal))
+    except Rejection as r:
+        return await reject(request, r, site, job_id, rnd)
