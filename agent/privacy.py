@@ -126,7 +126,8 @@ class PrivacyEngine:
 
 
 def _masked(delta: Weights, plan: SitePrivacy, masker: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Flatten (keys sorted), clip, quantize, add this site's discrete Gaussian share, reduce mod 2^32, mask.
+    """Flatten (keys sorted), clip, quantize, add this site's discrete Gaussian share (site unit only), reduce mod
+    2^32, mask.
 
     Clipped in float64 to a hair under C (2^-40 relative), so float rounding cannot take the norm past the C that
     the quantization's sensitivity assumes."""
@@ -141,5 +142,6 @@ def _masked(delta: Weights, plan: SitePrivacy, masker: Callable[[np.ndarray], np
         vec = vec * (bound / norm)
     if vec.size != q.dim:
         raise ValueError(f"the update has {vec.size} values; the job's quantization is for {q.dim}")
-    noisy = quantize.quantize(vec, q) + discrete_gaussian.sample(q.dim, q.site_sigma)
+    sigma = q.site_sigma if "site" in plan.units else 0.0  # a record-level job's DP-SGD noise is already in
+    noisy = quantize.quantize(vec, q) + discrete_gaussian.sample(q.dim, sigma)
     return np.asarray(masker(quantize.encode_mod(noisy)), dtype=np.int64)

@@ -24,8 +24,9 @@ from federation.jobs import UNIT_WORDS, JobSpec, Unit
 from federation.models import count_parameters
 from federation.privacy import epsilon_for
 from federation.schema import Frozen
-from federation.secagg import accounting, quantize
+from federation.secagg import accounting
 from federation.secagg.errors import SecAggError
+from federation.secagg.job import job_quantization
 from federation.secagg.quantize import Quantization
 
 # A number applies to every unit; a mapping gives each unit its own (a unit left out allows nothing).
@@ -107,16 +108,17 @@ def plan_privacy(spec: JobSpec, policy: PrivacyPolicy, n_train: int | None) -> S
             raise ValueError("a record-level plan needs the site's number of training records")
         record = record_plan(spec, n_train)
     noise = p.noise_multiplier if "site" in units else 0.0
-    return SitePrivacy(units, record, noise, p.clip_norm, p.delta, secure_quantization(spec, noise))
+    return SitePrivacy(units, record, noise, p.clip_norm, p.delta, secure_quantization(spec))
 
 
-def secure_quantization(spec: JobSpec, noise_multiplier: float) -> Quantization | None:
-    """The quantization of a secure job's updates (None for a plain job): deterministic, so every site and the
-    aggregator derive the same one. Raises SecAggError when no scale keeps the sum from wrapping."""
+def secure_quantization(spec: JobSpec) -> Quantization | None:
+    """The quantization of a secure job's updates (None for a plain job): the job's, the same at every site and at
+    the aggregator (`federation.secagg.job`), whichever units this site applies; a site adds its share of the noise
+    (`Quantization.site_sigma`) only where it applies the site unit. Raises SecAggError when no scale keeps the sum
+    from wrapping."""
     if spec.secure_aggregation is None:
         return None
-    d = count_parameters(spec.model.name, spec.features.input_dim(), spec.model.hidden)
-    return quantize.plan(spec.privacy.clip_norm, d, len(spec.sites), spec.secagg_threshold, noise_multiplier)
+    return job_quantization(spec, count_parameters(spec.model.name, spec.features.input_dim(), spec.model.hidden))
 
 
 def privacy_refusals(

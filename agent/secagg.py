@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from federation.secagg import keys, masking, shamir
 from federation.secagg.errors import SecAggError
+from federation.secagg.job import mask_purpose, share_purpose
 from federation.secagg.messages import MaskRoster, Reveal, ShareBundle, UnmaskRequest, UnmaskWork, b64, unb64
 
 MASTER_BYTES = 32
@@ -95,14 +96,6 @@ def load_or_create_master(path: Path) -> bytes:
     return data
 
 
-def _mask_purpose(job_id: str, rnd: int) -> bytes:
-    return b"mask/%s/%d" % (job_id.encode(), rnd)
-
-
-def _share_purpose(job_id: str) -> bytes:
-    return b"share/" + job_id.encode()
-
-
 @dataclass(frozen=True)
 class RevealOutcome:
     """A reveal, and the senders whose share failed to open (replayed, reordered or corrupted), left out of it."""
@@ -148,7 +141,7 @@ class SecureRound:
         seed_shares = shamir.split(self._seed, self.threshold, n)
         sealed: dict[str, str] = {}
         for peer, key_share, seed_share in zip(participants, key_shares, seed_shares, strict=True):
-            box = keys.agree(self._share_private, unb64(self._share_keys[peer]), _share_purpose(self.job_id))
+            box = keys.agree(self._share_private, unb64(self._share_keys[peer]), share_purpose(self.job_id))
             ad = keys.share_ad(self.job_id, self.round, self.site, peer)
             sealed[peer] = b64(keys.seal(box, key_share + seed_share, ad))
         return ShareBundle(job_id=self.job_id, round=self.round, site=self.site, mask_key=self.mask_key,
@@ -178,7 +171,7 @@ class SecureRound:
         """`values` (int64 in [0, 2^32)) masked with the self seed and a pairwise seed with every other roster
         site (X25519 agreement of the mask keys, bound to job and round)."""
         self.check_roster(roster)
-        purpose = _mask_purpose(self.job_id, self.round)
+        purpose = mask_purpose(self.job_id, self.round)
         pair_seeds = {peer: keys.agree(self._mask_private, unb64(pub), purpose)
                       for peer, pub in roster.mask_keys.items() if peer != self.site}
         return masking.mask(values, self._seed, pair_seeds, self.site)
@@ -223,7 +216,7 @@ def reveal(site: str, share_private: bytes, share_keys: Mapping[str, str], work:
         try:
             if sender not in share_keys:
                 raise SecAggError("the sender is not a participant of the task")
-            box = keys.agree(share_private, unb64(share_keys[sender]), _share_purpose(request.job_id))
+            box = keys.agree(share_private, unb64(share_keys[sender]), share_purpose(request.job_id))
             plain = keys.open_sealed(box, unb64(sealed), keys.share_ad(request.job_id, request.round, sender, site))
             if not plain or len(plain) % 2:
                 raise SecAggError(f"a share plaintext of {len(plain)} bytes")

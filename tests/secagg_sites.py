@@ -33,8 +33,7 @@ KEY = Ed25519PrivateKey.generate()  # the aggregator's signing key in these test
 
 def site_plan(spec: JobSpec = SPEC) -> SitePrivacy:
     p = spec.privacy
-    return SitePrivacy(("site",), None, p.noise_multiplier, p.clip_norm, p.delta,
-                       secure_quantization(spec, p.noise_multiplier))
+    return SitePrivacy(("site",), None, p.noise_multiplier, p.clip_norm, p.delta, secure_quantization(spec))
 
 
 def share_keys(root: Path, sites: list[str] = SITES) -> dict[str, ShareKeys]:

@@ -21,6 +21,7 @@ from federation.jobs import JobSpec
 from federation.messages import EvalMetrics
 from federation.secagg import keys, masking, quantize, shamir
 from federation.secagg.errors import SecAggError
+from federation.secagg.job import job_quantization
 from federation.secagg.messages import Reveal, UnmaskWork, unb64
 from federation.tensors import decode
 from tests.secagg_sites import (
@@ -255,12 +256,16 @@ def test_four_sites_mask_one_drops_and_the_survivors_sum_is_exact(tmp_path: Path
 
 
 def test_a_record_level_secure_job_masks_its_update_with_no_extra_noise(tmp_path: Path) -> None:
-    """DP-SGD gave the guarantee during training; the masked release is the quantized clipped update alone."""
-    spec = JobSpec.model_validate({**yaml.safe_load(EXAMPLE.read_text()), "secure_aggregation": {"threshold": 3}})
+    """DP-SGD gave the guarantee during training; the masked release is the quantized clipped update alone. The job's
+    update-level σ (what a site whose policy requires the site unit would add) sizes the shared scale only."""
+    job = yaml.safe_load(EXAMPLE.read_text())
+    spec = JobSpec.model_validate({**job, "privacy": {**job["privacy"], "noise_multiplier": 0.5},
+                                   "secure_aggregation": {"threshold": 3}})
     plan = plan_privacy(spec, PrivacyPolicy(min_noise_multiplier=0.0, max_clip_norm=1.0, max_epsilon_per_job=10.0,
                                             budgets={}), 200)
     q = plan.quantization
-    assert plan.units == ("record",) and plan.record is not None and q is not None and q.site_sigma == 0
+    assert plan.units == ("record",) and plan.record is not None and q is not None and q.site_sigma > 0
+    assert q == job_quantization(spec, DIM)  # the aggregator's scale
     up = PrivacyEngine(AgentState(tmp_path / "agent.db")).privatize(
         A, JOB, 1, spec, plan, delta(3), 200, EVAL, 0.5, budget=BIG, masker=lambda v: v)
     released = quantize.decode_sum(decode(up.payload)["masked"], q, 1)
