@@ -147,7 +147,10 @@ class SecureRounds:
         try:
             ack = await retrying(lambda: s.gate.send_reveal(outcome.reveal), request.deadline)
         except (UploadRejectedError, EgressRefusedError) as exc:
-            log.warning("secagg_reveal_not_sent", reason=str(exc)[:300])
+            if isinstance(exc, UploadRejectedError) and exc.code == "late_update":  # unmasked with others' reveals
+                log.info("secagg_reveal_not_needed", reason=exc.detail[:300])
+            else:
+                log.warning("secagg_reveal_not_sent", reason=str(exc)[:300])
             return
         s.metrics.secagg_reveals_sent.inc()
         log.info("secagg_reveal_sent", self_mask_shares=len(outcome.reveal.self_mask_shares),
