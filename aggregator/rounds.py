@@ -131,7 +131,8 @@ class RoundTransitions:
             RoundTask(
                 kind=rnd.kind,  # type: ignore[arg-type]
                 job_id=runner.job_id, round=rnd.round, model_sha256=rnd.model_in, deadline=rnd.deadline,
-                share_keys=runner.share_keys if runner.secure is not None and rnd.kind == "train" else None,
+                share_keys={s: runner.share_keys[s] for s in runner.secure.participants}
+                if runner.secure is not None and rnd.kind == "train" else None,
                 issued_at=time.time(), expires_at=rnd.deadline, nonce=nonce(),
             )
         )

@@ -102,16 +102,17 @@ class SecureRound:
         return {sender: self.bundles[sender].shares[site] for sender in self.roster.mask_keys}
 
     def check_reveal(self, r: Reveal) -> bool:
-        """Whether `r` is new. A reveal must answer exactly what the unmask request asked of every site, no more:
-        self-mask shares of the survivors and mask-key shares of the dropped sites, never both for one site."""
+        """Whether `r` is new. A reveal answers what the unmask request asked of every site and no more: self-mask
+        shares of survivors and mask-key shares of dropped sites, never both for one site. It may leave out a share
+        that did not open at the site (tampered or replayed); reconstruction uses the reveals that hold one."""
         u = self.unmask
         if u is None:
             raise Rejection("round_not_unmasking", f"round {self.round} is not unmasking", 409)
         if r.site not in u.survivors:
             raise Rejection("not_a_survivor", f"{r.site} is not a survivor of round {self.round}", 403)
-        if set(r.self_mask_shares) != set(u.survivors) or set(r.mask_key_shares) != set(u.dropped):
-            raise Rejection("reveal_mismatch", "a reveal names exactly the survivors' self-mask shares and the "
-                                               "dropped sites' mask-key shares")
+        if not set(r.self_mask_shares) <= set(u.survivors) or not set(r.mask_key_shares) <= set(u.dropped):
+            raise Rejection("reveal_mismatch", "a reveal holds survivors' self-mask shares and dropped sites' "
+                                               "mask-key shares, nothing else")
         earlier = self.reveals.get(r.site)
         if earlier is not None:
             if earlier != r:
@@ -125,12 +126,18 @@ class SecureRound:
         u = self.unmask
         if u is None or self.total is None or len(self.reveals) < self.threshold:
             return None
-        seeds = [self._secret(s, "self") for s in u.survivors]
+        try:
+            seeds = [self._secret(s, "self") for s in u.survivors]
+            keys_of = {d: self._secret(d, "key") for d in u.dropped}
+        except SecAggError:
+            if len(self.reveals) < len(u.survivors):
+                return None  # a share left out or a bad one: the reveals still to come may fill in
+            raise
         pairs: list[tuple[int, bytes]] = []
         assert self.roster is not None
         purpose = mask_purpose(self.job_id, self.round)
         for dropped in u.dropped:
-            key = self._secret(dropped, "key")
+            key = keys_of[dropped]
             for s in u.survivors:
                 seed = keys.agree(key, unb64(self.roster.mask_keys[s]), purpose)
                 pairs.append((masking.pair_sign(s, dropped), seed))
@@ -142,9 +149,12 @@ class SecureRound:
         """Reconstruct `site`'s self-mask seed or mask key from `threshold` reveals, checked against its commitment
         (the seed's hash, the key's public half); other subsets are tried when one fails (a bad share)."""
         assert self.roster is not None
-        texts = [(r.self_mask_shares if kind == "self" else r.mask_key_shares)[site]
-                 for _, r in sorted(self.reveals.items())]
-        shares = [unb64(t) for t in texts]
+        held = [(r.self_mask_shares if kind == "self" else r.mask_key_shares).get(site)
+                for _, r in sorted(self.reveals.items())]
+        shares = [unb64(t) for t in held if t is not None]
+        if len(shares) < self.threshold:
+            raise SecAggError(f"{len(shares)} shares of {site}'s secret were revealed, fewer than the threshold "
+                              f"{self.threshold}")
         for subset in itertools.islice(itertools.combinations(shares, self.threshold), MAX_SUBSETS):
             try:
                 secret = shamir.combine(list(subset), self.threshold)

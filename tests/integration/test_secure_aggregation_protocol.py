@@ -132,8 +132,10 @@ def test_the_aggregator_unmasks_exactly_the_sum_and_refuses_what_does_not_fit(fe
             both["self_mask_shares"][dropping] = next(iter(both["mask_key_shares"].values()))
             status, err = sites["ann"].post_reveal(both)
             assert (status, err["error"]) == (400, "malformed_reveal"), err  # both kinds for one site: never
-        narrower = reveals["ann"].model_copy(update={"self_mask_shares": {}})
-        assert sites["ann"].post_reveal(narrower)[1]["error"] == "reveal_mismatch"
+        # A share of a site the request did not name is refused.
+        stranger = reveals["ann"].model_copy(update={"self_mask_shares": {
+            **reveals["ann"].self_mask_shares, "zed": next(iter(reveals["ann"].self_mask_shares.values()))}})
+        assert sites["ann"].post_reveal(stranger)[1]["error"] == "reveal_mismatch"
         answers = [await asyncio.to_thread(sites[n].post_reveal, reveals[n]) for n in survivors]
         # The round closes at the threshold's reveal: a reveal after it is told the round is over.
         assert [a[0] for a in answers[:spec.secagg_threshold]] == [200] * spec.secagg_threshold, answers
