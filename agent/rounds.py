@@ -18,7 +18,7 @@ from agent.data import SiteData
 from agent.egress import EgressRefusedError, UploadRejectedError, retrying
 from agent.offers import Offers
 from agent.privacy import BudgetExhaustedError, PrivatizedUpdate, RoundLateError, budget_window_start
-from agent.secagg import ExcludedError, SecAggRefusedError
+from agent.secagg import ExcludedError, SecAggRefusedError, SecureRound
 from agent.secure_rounds import SecureRounds
 from agent.site import ActiveJob, Site
 from agent.trainer import TrainingStoppedError, train_round
@@ -149,9 +149,21 @@ class Rounds:
         s.event(task.job_id, "error", [reason], round=task.round)
 
     async def _privatized_round(self, task: RoundTask, job: ActiveJob) -> PrivatizedUpdate:
-        s, spec = self._s, job.spec
+        spec = job.spec
         started = time.time()
-        secure = await self.secure.share(task, job) if spec.secure_aggregation is not None else None
+        # A secure round's shares travel while the model is fetched and trained: the roster is frozen meanwhile.
+        sharing = asyncio.create_task(self.secure.share(task, job)) if spec.secure_aggregation is not None else None
+        try:
+            return await self._train_and_release(task, job, started, sharing)
+        finally:
+            if sharing is not None and not sharing.done():
+                sharing.cancel()
+            elif sharing is not None and not sharing.cancelled():
+                sharing.exception()  # retrieved: when training failed first, the round's own error is what counts
+
+    async def _train_and_release(self, task: RoundTask, job: ActiveJob, started: float,
+                                 sharing: asyncio.Task[SecureRound] | None) -> PrivatizedUpdate:
+        s, spec = self._s, job.spec
         model = await self._global_model(task, spec)
         before = get_weights(model)
         evaluation = self._metrics(model, spec, job.data)
@@ -165,7 +177,7 @@ class Rounds:
         after = get_weights(model)
         delta = {k: after[k] - before[k] for k in before}
         budget = s.policy.privacy.budgets[spec.dataset.name]
-        masker = await self.secure.masker(task, secure) if secure is not None else None
+        masker = await self.secure.masker(task, await sharing) if sharing is not None else None
         update = s.privacy.privatize(
             s.name, task.job_id, task.round, spec, job.plan, delta, job.data.n_train, evaluation, train_loss,
             budget=budget, budget_since=budget_window_start(budget.reset_period_days),

@@ -8,8 +8,12 @@ aggregator's round records), CPU seconds per round of each process (from /proc),
 round next to the model's own size. With `--profile` (needs `py-spy` on PATH), one agent and the aggregator are
 sampled during the run and the top functions are printed.
 
-    python -m bench latency                  # logistic regression, then a 1M-parameter MLP
+    python -m bench latency                  # logistic regression, then a 1M-parameter MLP; each plain and secure
     python -m bench latency --rounds 20 --models logreg
+    python -m bench latency --no-secure      # without the secure-aggregation rows
+
+Each model runs twice: plain, and with `secure_aggregation: true` (masked uploads, the shares, roster, unmask and
+reveal steps of docs/secure-aggregation.md), whose wire bytes include all of those.
 """
 
 from __future__ import annotations
@@ -116,10 +120,11 @@ class LatencyResult:
         return xs[min(len(xs) - 1, math.ceil(q * len(xs)) - 1)]
 
 
-def latency_job(model: dict[str, Any], rounds: int) -> dict[str, Any]:
+def latency_job(model: dict[str, Any], rounds: int, secure: bool = False) -> dict[str, Any]:
     return example_job(
         name=f"latency-{model['name']}", model=model, rounds=rounds, min_sites=4, round_deadline_s=600,
         hyperparameters={"max_steps": 1}, privacy={"clip_norm": 0.3, "noise_multiplier": 1.0},
+        **({"secure_aggregation": True} if secure else {}),
     )
 
 
@@ -195,13 +200,14 @@ def profile_summary(raw: Path, n: int = 6) -> str:
     return "\n".join(lines)
 
 
-def run(label: str, model: dict[str, Any], rounds: int, root: Path, profile: bool) -> LatencyResult:
+def run(label: str, model: dict[str, Any], rounds: int, root: Path, profile: bool, secure: bool = False
+        ) -> LatencyResult:
     files = split_by_center(root / "data")
     policies = bench_policies(files)
     for p in policies.values():
         p["models"]["max_parameters"] = 2_000_000
         p["egress"]["max_upload_bytes_per_round"] = 16 * 1024 * 1024
-    job = latency_job(model, rounds)
+    job = latency_job(model, rounds, secure)
     spec = JobSpec.model_validate(job)
     weights = get_weights(build_model(spec.model.name, spec.features.input_dim(), spec.model.hidden))
     relay = Relay()
@@ -302,10 +308,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=50)
     parser.add_argument("--models", nargs="+", choices=["logreg", "mlp"], default=["logreg", "mlp"])
     parser.add_argument("--profile", action="store_true", help="sample the aggregator and one agent with py-spy")
+    parser.add_argument("--no-secure", action="store_true", help="skip the secure-aggregation rows")
     args = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="fedsilo-latency-"))
     models: dict[str, dict[str, Any]] = {"logreg": {"name": "logreg"}, "mlp": {"name": "mlp", "hidden": MLP_HIDDEN}}
-    results = [run(m, models[m], args.rounds, root / m, args.profile) for m in args.models]
+    results = []
+    for m in args.models:
+        results.append(run(m, models[m], args.rounds, root / m, args.profile))
+        if not args.no_secure:
+            results.append(run(f"{m} + secure aggregation", models[m], args.rounds, root / f"{m}-secure",
+                               args.profile, secure=True))
     console = Console(width=200)
     print_results(console, results)
     for m in args.models:

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fedsilo.datasets import SITE_CENTERS, split_by_center
 from fedsilo.local import LocalFederation, example_policy
 from fedsilo.localinit import load_job
@@ -22,9 +24,15 @@ from fedsilo.workspace import LocalError, Manifest, Workspace, allocate_ports, c
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def run_demo(workdir: Path, job_file: Path, timeout: float = 1800) -> dict[str, Any]:
-    """Split the data per center, start broker, aggregator and four agents, run the job, print the report."""
+def run_demo(workdir: Path, job_file: Path, timeout: float = 1800, secure: bool = False) -> dict[str, Any]:
+    """Split the data per center, start broker, aggregator and four agents, run the job, print the report. With
+    `secure`, the job runs with secure aggregation (`secure_aggregation: true` added to the job file's)."""
     spec = load_job(job_file)
+    text = job_file.read_text()
+    if secure:
+        job = yaml.safe_load(text)
+        job["secure_aggregation"] = job.get("secure_aggregation") or True
+        text = yaml.safe_dump(job, sort_keys=False)
     sites = list(SITE_CENTERS)
     unknown = [s for s in spec.sites if s not in sites]
     if unknown:  # such a job could only wait out its accept deadline and fail
@@ -55,8 +63,8 @@ def run_demo(workdir: Path, job_file: Path, timeout: float = 1800) -> dict[str, 
                   f"({time.monotonic() - t0:.1f}s)")
         out.print(f"PKI (CA, site/aggregator/broker/operator certificates, job-signing key) in {fed.pki.root}")
         out.print(f"structured logs (JSON) in {ws.logs_dir}")
-        job_id = fed.client.submit(job_file.read_text())
-        out.print(f"submitted {job_file} → job [bold]{job_id}[/]")
+        job_id = fed.client.submit(text)
+        out.print(f"submitted {job_file}{' with secure aggregation' if secure else ''} → job [bold]{job_id}[/]")
         summary = watch(fed.client, job_id, timeout=timeout)
     finally:
         fed.stop()

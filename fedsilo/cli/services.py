@@ -17,7 +17,10 @@ from fedsilo.cli._root import exit_now, main
               help="The demo's own directory: data splits, configs, logs, state and reports go there.")
 @click.option("--job", "job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Job file to run (default: examples/heart-disease.yaml); it may list only the four centers.")
-def demo(workdir: Path, job_file: Path | None) -> None:
+@click.option("--secure", is_flag=True, default=False,
+              help="Run the job with secure aggregation (secure_aggregation: true): sites upload masked updates and "
+                   "the aggregator sees only their sum (docs/secure-aggregation.md).")
+def demo(workdir: Path, job_file: Path | None, secure: bool) -> None:
     """Run a local federation of the four UCI heart-disease centers end to end.
 
     The heart-disease case of `fedsilo local`: the same workspace, processes and summary, on the UCI data split
@@ -25,7 +28,7 @@ def demo(workdir: Path, job_file: Path | None) -> None:
     from fedsilo.demo import EXAMPLES, run_demo
     from fedsilo.summary import exit_code
 
-    summary = run_demo(workdir, job_file or EXAMPLES / "heart-disease.yaml")
+    summary = run_demo(workdir, job_file or EXAMPLES / "heart-disease.yaml", secure=secure)
     sys.exit(exit_code(summary))
 
 
