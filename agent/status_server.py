@@ -22,7 +22,7 @@ class AgentMetrics:
         # restart) or secagg_refused (a task or roster this site must not mask against). Nothing was released or
         # charged for these.
         self.rounds_not_released = Counter("fedsilo_agent_rounds_not_released",
-                                           "Rounds whose update was not released (nor charged): too late.",
+                                           "Rounds whose update was not released (nor charged), by reason.",
                                            ["reason"], registry=r)
         self.updates_sent = Counter("fedsilo_agent_updates_sent", "Updates acknowledged by the aggregator.",
                                     registry=r)

@@ -79,6 +79,9 @@ class SecureSteps(RoundTransitions):
             if runner.secure_timer is not None:
                 runner.secure_timer.cancel()
             await self._close(runner, r)
+            now = runner.round
+            if not runner.ended and now is not None and (now.round != r.round or now.state == "closed"):
+                await self._drop_round(runner, r.round)
 
     async def _secure_deadline(self, runner: JobRunner) -> None:
         """The round's deadline: freeze what can be frozen with what is in, or fail."""
@@ -241,6 +244,12 @@ class SecureSteps(RoundTransitions):
             remaining = runner.round.started_at + share_window(runner) - time.time() if runner.round else 0.0
             self._arm_secure(runner, max(remaining, 0.0), self._share_deadline)
         await self._secure_progress(runner)
+
+    async def _drop_round(self, runner: JobRunner, rnd: int) -> None:
+        try:
+            await self._db(self._store.drop_secagg_round, runner.job_id, rnd, fence=runner.fence)
+        except Exception:  # only storage is at stake: rows left behind are harmless
+            log.warning("secagg_rows_not_dropped", job=runner.job_id, round=rnd, exc_info=True)
 
     async def _load_share_keys(self, runner: JobRunner) -> None:
         runner.share_keys = dict(await self._db(self._store.secagg_rows, runner.job_id, 0, "key"))

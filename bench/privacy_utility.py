@@ -23,6 +23,7 @@ reported numbers).
     python -m bench privacy-utility --demo-gap 5             # make demo's job against the same job without DP
     python -m bench privacy-utility --unit site --what-if    # in-process: a public initial model, distributed noise
     python -m bench privacy-utility --unit site --lean --targets 8   # the lean site-unit configuration
+    python -m bench privacy-utility --secure        # with and without secure aggregation (`bench.privacy_secure`)
 """
 
 from __future__ import annotations
@@ -225,8 +226,15 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"target ε values (default: record {RECORD_TARGETS}, site {TARGETS})")
     parser.add_argument("--seeds", type=int, default=None,
                         help=f"seeds per target (default: record {RECORD_SEEDS}, site {SEEDS})")
+    parser.add_argument("--secure", action="store_true",
+                        help="site ε 8 and record ε 1 with and without secure aggregation (bench.privacy_secure)")
     args = parser.parse_args(argv)
     console = Console(width=200)
+    if args.secure:
+        from bench.privacy_secure import measure_secure
+
+        measure_secure(console, args.seeds or RECORD_SEEDS)
+        return
     if args.demo_gap:
         from bench.privacy_record import demo_gap
 

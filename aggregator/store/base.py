@@ -214,6 +214,9 @@ class StateStore(ABC):
     @abstractmethod
     def secagg_rows(self, job_id: str, rnd: int, kind: str) -> dict[str, str]: ...
 
+    @abstractmethod
+    def drop_secagg_round(self, job_id: str, rnd: int, fence: Fence | None = None) -> None: ...
+
     # leases (aggregator.store.leases)
     @abstractmethod
     def db_now(self) -> float: ...

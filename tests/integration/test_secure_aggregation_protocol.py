@@ -145,6 +145,9 @@ def test_the_aggregator_unmasks_exactly_the_sum_and_refuses_what_does_not_fit(fe
         (out,) = stored(fed, "SELECT model_out FROM rounds WHERE job_id=? AND round=?", job_id, rnd)[0]
         got, want = model(fed, out), expected_model(start, total, q, len(survivors))
         assert all(np.array_equal(got[k], want[k]) for k in want), f"round {rnd}: not the exact sum"
+        # The closed round's sealed shares and reveals are gone; the signed roster and request stay on record.
+        wait_for(lambda: stored(fed, "SELECT DISTINCT kind FROM secagg WHERE job_id=? AND round=? ORDER BY kind",
+                                job_id, rnd) == [("roster",), ("unmask",)], 10, f"round {rnd}'s shares dropped")
 
     asyncio.run(run())
     summary = fed.wait_job(job_id, timeout=60)  # the final evaluation closes at its deadline: no evaluators here
