@@ -69,13 +69,14 @@ class PrivacyEngine:
         self, site: str, job_id: str, rnd: int, spec: JobSpec, plan: SitePrivacy, delta: Weights, num_samples: int,
         evaluation: EvalMetrics | None, train_loss: float, budget: BudgetPolicy, budget_since: float = 0.0,
         share_tracking: bool = True, release_by: float | None = None,
-        masker: Callable[[np.ndarray], np.ndarray] | None = None,
+        masker: Callable[[np.ndarray], np.ndarray] | None = None, weight: float = 1.0,
     ) -> PrivatizedUpdate:
         """Clip (and noise, for the site unit), account and log one round's update. `budget` is the dataset's
         (per period starting at `budget_since`); a release that would exceed it in any unit raises
         `BudgetExhaustedError`. Past `release_by` (the round's deadline, a `time.time()`) nothing is released or
-        charged: `RoundLateError`. With `masker` (secure aggregation) the payload is the masked quantized update;
-        if the masker raises, nothing is released or charged."""
+        charged: `RoundLateError`. With `masker` (secure aggregation) the payload is the masked quantized update,
+        the clipped update scaled by `weight` (≤ 1, its weight in the sum) before its noise share is added; if the
+        masker raises, nothing is released or charged."""
         if self._state.release(job_id, rnd) is not None:
             raise AlreadyReleasedError(f"round {rnd} of job {job_id} already released an update")
         now = time.time()
@@ -96,7 +97,7 @@ class PrivacyEngine:
             released, _ = privatize(delta, plan.clip_norm, plan.update_noise)
             payload = encode(released)
         else:
-            payload = encode({"masked": _masked(delta, plan, masker)})
+            payload = encode({"masked": _masked(delta, plan, masker, weight)})
         sigma = {"site": plan.update_noise,
                  "record": plan.record.noise_multiplier if plan.record is not None else 0.0}
         alone = plan.epsilon_alone(releases) if masker is not None else None
@@ -125,7 +126,8 @@ class PrivacyEngine:
         return PrivatizedUpdate(_TOKEN, job_id, rnd, r.payload, UpdateEnvelope.model_validate_json(r.envelope))
 
 
-def _masked(delta: Weights, plan: SitePrivacy, masker: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+def _masked(delta: Weights, plan: SitePrivacy, masker: Callable[[np.ndarray], np.ndarray],
+            weight: float = 1.0) -> np.ndarray:
     """Flatten (keys sorted), clip, quantize, add this site's discrete Gaussian share (site unit only), reduce mod
     2^32, mask.
 
@@ -140,6 +142,9 @@ def _masked(delta: Weights, plan: SitePrivacy, masker: Callable[[np.ndarray], np
         raise ValueError("the round's update is not finite; nothing was released")
     if norm > bound:
         vec = vec * (bound / norm)
+    if not 0.0 < weight <= 1.0:
+        raise ValueError(f"a weight in the sum is in (0, 1], got {weight}")
+    vec = vec * weight
     if vec.size != q.dim:
         raise ValueError(f"the update has {vec.size} values; the job's quantization is for {q.dim}")
     sigma = q.site_sigma if "site" in plan.units else 0.0  # a record-level job's DP-SGD noise is already in

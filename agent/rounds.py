@@ -177,11 +177,12 @@ class Rounds:
         after = get_weights(model)
         delta = {k: after[k] - before[k] for k in before}
         budget = s.policy.privacy.budgets[spec.dataset.name]
-        masker = await self.secure.masker(task, await sharing) if sharing is not None else None
+        masker, weight = await self.secure.masker(task, job, await sharing) if sharing is not None else (None, 1.0)
         update = s.privacy.privatize(
             s.name, task.job_id, task.round, spec, job.plan, delta, job.data.n_train, evaluation, train_loss,
             budget=budget, budget_since=budget_window_start(budget.reset_period_days),
             share_tracking=s.policy.egress.share_tracking, release_by=task.deadline, masker=masker,
+            weight=weight,
         )
         s.metrics.rounds_trained.inc()
         s.update_budget_gauges(spec.dataset.name)

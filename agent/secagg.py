@@ -110,7 +110,8 @@ class SecureRound:
     `share_keys` is `RoundTask.share_keys` (every participant, this site included), `sites` the job's sites."""
 
     def __init__(self, site: str, job_id: str, rnd: int, threshold: int, share_private: bytes,
-                 share_keys: Mapping[str, str], sites: list[str]) -> None:
+                 share_keys: Mapping[str, str], sites: list[str], num_samples: int = 1) -> None:
+        """`num_samples`: the records behind this site's update, its weight in a sample-weighted sum."""
         if site not in share_keys:
             raise SecAggRefusedError(f"the task's share keys do not list this site ({site})")
         if share_keys[site] != b64(keys.public_key(share_private)):
@@ -122,6 +123,7 @@ class SecureRound:
         if len(share_keys) < threshold:
             raise SecAggRefusedError(f"{len(share_keys)} participants, below the job's threshold {threshold}")
         self.site, self.job_id, self.round, self.threshold = site, job_id, rnd, threshold
+        self.num_samples = num_samples
         self._share_private = share_private
         self._share_keys = dict(share_keys)
         self._mask_private = keys.new_private_key()
@@ -145,7 +147,8 @@ class SecureRound:
             ad = keys.share_ad(self.job_id, self.round, self.site, peer)
             sealed[peer] = b64(keys.seal(box, key_share + seed_share, ad))
         return ShareBundle(job_id=self.job_id, round=self.round, site=self.site, mask_key=self.mask_key,
-                           seed_commitment=hashlib.sha256(self._seed).hexdigest(), shares=sealed)
+                           num_samples=self.num_samples, seed_commitment=hashlib.sha256(self._seed).hexdigest(),
+                           shares=sealed)
 
     def check_roster(self, roster: MaskRoster) -> None:
         """Refuse a roster this site must not mask against: another round's, one without this site or with another
@@ -160,6 +163,9 @@ class SecureRound:
         if roster.mask_keys[self.site] != self.mask_key:
             raise ExcludedError("the roster holds another mask key for this site than this round's: its update "
                                      "could not be unmasked (a restart since its shares were sent makes it a dropout)")
+        if roster.num_samples.get(self.site) != self.num_samples or set(roster.num_samples) != set(roster.mask_keys):
+            raise SecAggRefusedError(f"the roster weighs this site by {roster.num_samples.get(self.site)} records; its "
+                                     f"shares said {self.num_samples}")
         strangers = sorted(set(roster.mask_keys) - set(self._share_keys))
         if strangers:
             raise SecAggRefusedError(f"the roster names sites that were not participants: {strangers}")

@@ -25,6 +25,7 @@ from agent.secagg import ExcludedError, SecAggRefusedError, SecureRound, reveal
 from agent.site import ActiveJob, Site
 from agent.verifier import MessageRefusedError, Verifier
 from federation.messages import RoundTask
+from federation.secagg.job import weights
 from federation.secagg.messages import MAX_WAIT_S, MaskRoster, UnmaskWork
 
 log = structlog.get_logger(__name__)
@@ -53,7 +54,8 @@ class SecureRounds:
         if task.share_keys is None:
             raise SecAggRefusedError("the task of a secure-aggregation job carries no share keys")
         secure = SecureRound(s.name, task.job_id, task.round, job.spec.secagg_threshold,
-                             s.share_keys.private(task.job_id), task.share_keys, job.spec.sites)
+                             s.share_keys.private(task.job_id), task.share_keys, job.spec.sites,
+                             num_samples=job.data.n_train)
         bundle = secure.bundle()
         s.state.record_shared(task.job_id, task.round, secure.mask_key)
         try:
@@ -66,16 +68,19 @@ class SecureRounds:
         log.info("secagg_shares_sent", participants=len(bundle.shares), ack=ack.decode(errors="replace")[:100])
         return secure
 
-    async def masker(self, task: RoundTask, secure: SecureRound) -> Callable[[np.ndarray], np.ndarray]:
+    async def masker(self, task: RoundTask, job: ActiveJob, secure: SecureRound
+                     ) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
         """The round's roster (long-polled until the deadline), checked; the mask bound to it for the privacy
-        engine. No roster in time: `RoundLateError`; not in it: `ExcludedError`; neither is released or charged."""
+        engine, and this site's weight in the sum (`federation.secagg.job.weights`). No roster in time:
+        `RoundLateError`; not in it: `ExcludedError`; neither is released or charged."""
         roster = await self._roster(task.job_id, task.round, task.deadline)
         if roster is None:
             raise RoundLateError(f"round {task.round}'s roster was not frozen before its deadline: its update was not "
                                  "released and no ε was charged")
         secure.check_roster(roster)
-        log.info("secagg_roster", sites=len(roster.mask_keys))
-        return lambda values: secure.mask(values, roster)
+        weight = weights(job.spec, roster.num_samples)[self._s.name]
+        log.info("secagg_roster", sites=len(roster.mask_keys), weight=round(weight, 4))
+        return (lambda values: secure.mask(values, roster)), weight
 
     async def _roster(self, job_id: str, rnd: int, deadline: float | None) -> MaskRoster | None:
         body = await _poll(functools.partial(self._s.gate.fetch_roster, job_id, rnd), deadline)

@@ -293,7 +293,7 @@ class RoundEngine(SecureSteps):
         self._current(runner, env.round, "train")
         secure = runner.spec.secure_aggregation is not None
         if secure:
-            self._check_masked_upload(runner, site, env.round)
+            self._check_masked_upload(runner, site, env.round, env.num_samples)
         async with self._ingest:
             if secure:
                 update = {"masked": await asyncio.to_thread(check_masked, body, env.sha256,
@@ -309,7 +309,7 @@ class RoundEngine(SecureSteps):
             if existing is not None:
                 return self._duplicate(existing, env)
             self._current(runner, env.round, "train")
-            sr = self._check_masked_upload(runner, site, env.round) if secure else None
+            sr = self._check_masked_upload(runner, site, env.round, env.num_samples) if secure else None
             row = UpdateRow(
                 env.job_id, env.round, site, env.sha256, env.num_samples, env.train_loss, env.epsilon, time.time(),
                 env.share_tracking, tuple(spend.items()),

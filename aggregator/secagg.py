@@ -21,7 +21,7 @@ from federation.jobs import JobSpec
 from federation.models import Weights
 from federation.secagg import keys, masking, quantize, shamir
 from federation.secagg.errors import SecAggError
-from federation.secagg.job import MASKED, job_quantization, mask_purpose, masked_template, model_dim
+from federation.secagg.job import MASKED, job_quantization, mask_purpose, masked_template, model_dim, weights
 from federation.secagg.messages import MaskRoster, Reveal, ShareBundle, UnmaskRequest, unb64
 from federation.tensors import check_frame, decode, sha256_hex
 
@@ -77,7 +77,7 @@ class SecureRound:
         return {s: self.bundles[s].mask_key for s in sorted(self.bundles)}
 
     # ---------------------------------------------------------------- masked uploads
-    def check_upload(self, site: str) -> None:
+    def check_upload(self, site: str, num_samples: int) -> None:
         if self.roster is None:
             raise Rejection("roster_not_frozen", f"round {self.round} has no roster yet: shares come first", 409)
         if site not in self.roster.mask_keys:
@@ -85,6 +85,9 @@ class SecureRound:
                             409)
         if self.unmask is not None:
             raise Rejection("late_update", f"round {self.round} is unmasking already", 409)
+        if num_samples != self.roster.num_samples[site]:
+            raise Rejection("num_samples_mismatch", f"the envelope says {num_samples} records; the shares said "
+                                                    f"{self.roster.num_samples[site]}, the weight the sum uses")
 
     def add_masked(self, site: str, values: np.ndarray) -> None:
         self.total = values.copy() if self.total is None else masking.add_mod(self.total, values)
@@ -142,7 +145,8 @@ class SecureRound:
                 seed = keys.agree(key, unb64(self.roster.mask_keys[s]), purpose)
                 pairs.append((masking.pair_sign(s, dropped), seed))
         total = masking.unmask(self.total, seeds, pairs)
-        mean = quantize.decode_sum(total, self.quantization(spec), len(u.survivors))
+        w = weights(spec, self.roster.num_samples)
+        mean = quantize.decode_sum(total, self.quantization(spec), 1) / sum(w[s] for s in u.survivors)
         return quantize.unflatten(mean, self.template)
 
     def _secret(self, site: str, kind: str) -> bytes:

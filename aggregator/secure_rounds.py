@@ -107,7 +107,8 @@ class SecureSteps(RoundTransitions):
 
     async def _freeze_roster(self, runner: JobRunner, sr: SecureRound) -> None:
         roster = MaskRoster(job_id=runner.job_id, round=sr.round, threshold=sr.threshold, mask_keys=sr.roster_for(),
-                            issued_at=time.time(), nonce=nonce())
+                            num_samples={s: b.num_samples for s, b in sr.bundles.items()}, issued_at=time.time(),
+                            nonce=nonce())
         signed = await self._db(self._store.put_secagg, runner.job_id, sr.round, AGGREGATOR, "roster",
                                 self._sign(roster).decode(), time.time(), fence=runner.fence)
         self._load_roster(sr, signed.encode())
@@ -204,9 +205,9 @@ class SecureSteps(RoundTransitions):
         return self._secure_round(runner, rnd)
 
     # ---------------------------------------------------------------- uploads, keys, recovery
-    def _check_masked_upload(self, runner: JobRunner, site: str, rnd: int) -> SecureRound:
+    def _check_masked_upload(self, runner: JobRunner, site: str, rnd: int, num_samples: int) -> SecureRound:
         sr = self._secure_round(runner, rnd)
-        sr.check_upload(site)
+        sr.check_upload(site, num_samples)
         return sr
 
     def _secure_update_limit(self, runner: JobRunner) -> int:

@@ -142,6 +142,10 @@ class SecureAggregation(Frozen):
     # Sites that must survive a round for it to be unmasked (None: more than half the sites, and at least
     # min_sites). Fewer fail the round and nothing is unmasked.
     threshold: int | None = Field(default=None, ge=2, le=1000)
+    # How the sum weighs each site's update: `samples` (by its record count, as FedAvg does) or `uniform`. None:
+    # samples for a per-patient job, uniform for a per-site one, whose noise is added after the weight (a weight
+    # below 1 shrinks a site's update but not its noise share; uniform keeps the sum's noise at the job's σ·C).
+    weighting: Literal["samples", "uniform"] | None = None
 
 
 class DataRef(Frozen):
@@ -200,6 +204,13 @@ class JobSpec(Frozen):
             return 0
         t = self.secure_aggregation.threshold
         return t if t is not None else min(len(self.sites), max(self.min_sites, len(self.sites) // 2 + 1, 2))
+
+    @property
+    def secagg_weighting(self) -> str:
+        sa = self.secure_aggregation
+        if sa is None or sa.weighting is not None:
+            return sa.weighting if sa is not None and sa.weighting is not None else "uniform"
+        return "samples" if self.privacy.unit == "record" else "uniform"
 
     @model_validator(mode="before")
     @classmethod

@@ -53,11 +53,14 @@ def rounds(keys: dict[str, ShareKeys], rnd: int = 1, job_id: str = JOB) -> dict[
 
 def roster(bundles: dict[str, ShareBundle], rnd: int = 1, job_id: str = JOB) -> MaskRoster:
     """The roster the aggregator would freeze from these bundles."""
-    return roster_of({s: b.mask_key for s, b in bundles.items()}, rnd, job_id)
+    return roster_of({s: b.mask_key for s, b in bundles.items()}, rnd, job_id,
+                     {s: b.num_samples for s, b in bundles.items()})
 
 
-def roster_of(mask_keys: dict[str, str], rnd: int = 1, job_id: str = JOB) -> MaskRoster:
-    return MaskRoster(job_id=job_id, round=rnd, threshold=THRESHOLD, mask_keys=mask_keys, issued_at=time.time(),
+def roster_of(mask_keys: dict[str, str], rnd: int = 1, job_id: str = JOB,
+              num_samples: dict[str, int] | None = None) -> MaskRoster:
+    return MaskRoster(job_id=job_id, round=rnd, threshold=THRESHOLD, mask_keys=mask_keys,
+                      num_samples=num_samples or dict.fromkeys(mask_keys, 1), issued_at=time.time(),
                       nonce=secrets.token_hex(16))
 
 

@@ -76,7 +76,7 @@ class SecureParticipant:
             await self.link.stop()
 
     # ---------------------------------------------------------------- protocol
-    def bundle(self, task: RoundTask, threshold: int) -> ShareBundle:
+    def bundle(self, task: RoundTask, threshold: int, num_samples: int = 10) -> ShareBundle:
         assert task.share_keys is not None
         rnd = task.round
         self.mask_private[rnd], self.seed[rnd] = keys.new_private_key(), os.urandom(32)
@@ -89,7 +89,7 @@ class SecureParticipant:
             for i, p in enumerate(participants)
         }
         return ShareBundle(job_id=task.job_id, round=rnd, site=self.name,
-                           mask_key=b64(keys.public_key(self.mask_private[rnd])),
+                           mask_key=b64(keys.public_key(self.mask_private[rnd])), num_samples=num_samples,
                            seed_commitment=sha256_hex(self.seed[rnd]), shares=sealed)
 
     def mask(self, roster: MaskRoster, values: np.ndarray) -> np.ndarray:

@@ -24,6 +24,16 @@ def job_quantization(spec: JobSpec, dim: int) -> quantize.Quantization:
                          spec.privacy.noise_multiplier)
 
 
+def weights(spec: JobSpec, num_samples: dict[str, int]) -> dict[str, float]:
+    """Each roster site's weight in the sum: its record count over the roster's largest (at most 1, so the
+    quantization's bound holds), or 1 for all (`JobSpec.secagg_weighting`). The aggregator divides the sum by the
+    survivors' total weight."""
+    if spec.secagg_weighting == "uniform" or not num_samples:
+        return dict.fromkeys(num_samples, 1.0)
+    top = max(num_samples.values())
+    return {site: n / top for site, n in num_samples.items()}
+
+
 def masked_template(dim: int) -> Weights:
     return {MASKED: np.zeros(dim, dtype=np.int64)}
 

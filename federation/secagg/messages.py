@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from federation.bounds import MAX_ROUND
+from federation.bounds import MAX_ROUND, MAX_SAMPLES
 from federation.jobs import SiteName
 from federation.messages import JobId, Nonce, PublicKey, SiteMessage
 from federation.schema import Frozen
@@ -47,6 +47,8 @@ class ShareBundle(SiteMessage):
     round: int = Field(ge=1, le=MAX_ROUND)
     site: SiteName
     mask_key: PublicKey
+    # The records behind this site's update (as its envelope will say): the weight of its update in the sum
+    num_samples: int = Field(ge=1, le=MAX_SAMPLES)
     # sha256 of the self-mask seed: lets the aggregator check the seed it reconstructs before using it
     seed_commitment: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     shares: dict[SiteName, Sealed] = Field(max_length=MAX_SITES)
@@ -61,6 +63,8 @@ class MaskRoster(Frozen):
     round: int = Field(ge=1, le=MAX_ROUND)
     threshold: int = Field(ge=2, le=MAX_SITES)
     mask_keys: dict[SiteName, PublicKey] = Field(max_length=MAX_SITES)
+    # each roster site's record count: the weights of a sample-weighted job (`federation.secagg.job.weights`)
+    num_samples: dict[SiteName, Annotated[int, Field(ge=1, le=MAX_SAMPLES)]] = Field(max_length=MAX_SITES)
     issued_at: float
     nonce: Nonce
 

@@ -28,6 +28,7 @@ from tests.waiting import wait_for
 pytestmark = pytest.mark.integration
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "heart-disease.yaml"
 NAMES = ("ann", "bob", "cid", "dan")
+RECORDS = {"ann": 40, "bob": 10, "cid": 25, "dan": 30}  # the weights of a sample-weighted sum: n / 40
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,7 @@ def fed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalFederation]:
 def job_text(rounds: int, deadline_s: float = 6.0) -> str:
     job: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
     job.update(sites=list(NAMES), min_sites=3, rounds=rounds, round_deadline_s=deadline_s, accept_deadline_s=30,
-               secure_aggregation=True, server_learning_rate=1.0, aggregation="fedavg")
+               secure_aggregation={"weighting": "samples"}, server_learning_rate=1.0, aggregation="fedavg")
     job["privacy"] = {"unit": "site", "clip_norm": 1.0, "noise_multiplier": 1.0}
     return yaml.safe_dump(job)
 
@@ -64,8 +65,9 @@ def plaintext(q: quantize.Quantization, rng: np.random.Generator) -> np.ndarray:
 
 
 def expected_model(start: dict[str, np.ndarray], total: np.ndarray, q: quantize.Quantization,
-                   count: int) -> dict[str, np.ndarray]:
-    mean = quantize.unflatten(quantize.decode_sum(total, q, count), start)
+                   weight: float) -> dict[str, np.ndarray]:
+    """The sum of the survivors' (already weighted) vectors over their total weight, added to the model."""
+    mean = quantize.unflatten(quantize.decode_sum(total, q, 1) / weight, start)
     return {k: (start[k].astype(np.float64) + mean[k].astype(np.float64)).astype(np.float32) for k in start}
 
 
@@ -90,7 +92,7 @@ def test_the_aggregator_unmasks_exactly_the_sum_and_refuses_what_does_not_fit(fe
         tasks = {n: await p.task(rnd) for n, p in sites.items()}
         start = model(fed, tasks["ann"].model_sha256 or "")
         q = job_quantization(spec, model_dim(start))
-        bundles = {n: p.bundle(tasks[n], spec.secagg_threshold) for n, p in sites.items()}
+        bundles = {n: p.bundle(tasks[n], spec.secagg_threshold, RECORDS[n]) for n, p in sites.items()}
         if rnd == 1:
             # A bundle that leaves out a participant, and one for a round that is not open, are refused.
             partial = bundles["ann"].model_copy(update={"shares": dict(list(bundles["ann"].shares.items())[:2])})
@@ -103,16 +105,19 @@ def test_the_aggregator_unmasks_exactly_the_sum_and_refuses_what_does_not_fit(fe
             assert status == 200, ack
         # The same site cannot change its shares once they are in.
         accepted = sites["bob"].mask_private[rnd], sites["bob"].seed[rnd]
-        other = sites["bob"].bundle(tasks["bob"], spec.secagg_threshold)
+        other = sites["bob"].bundle(tasks["bob"], spec.secagg_threshold, RECORDS["bob"])
         assert sites["bob"].post_bundle(other)[1]["error"] == "duplicate_conflict"
         sites["bob"].mask_private[rnd], sites["bob"].seed[rnd] = accepted  # mask with what was accepted
         rosters = {n: await asyncio.to_thread(p.roster, job_id, rnd) for n, p in sites.items()}
-        assert all(set(r.mask_keys) == set(NAMES) for r in rosters.values())
+        assert all(set(r.mask_keys) == set(NAMES) and r.num_samples == RECORDS for r in rosters.values())
         survivors = [n for n in NAMES if n != dropping]
         plain = {n: plaintext(q, rng) for n in survivors}
         total = np.zeros(q.dim, dtype=np.int64)
+        masked = {n: sites[n].mask(rosters[n], plain[n]) for n in survivors}
+        # The envelope must claim the record count the shares did: it is the update's weight in the sum.
+        assert sites["ann"].upload(job_id, rnd, masked["ann"], num_samples=41)[1]["error"] == "num_samples_mismatch"
         for n in survivors:
-            status, ack = await asyncio.to_thread(sites[n].upload, job_id, rnd, sites[n].mask(rosters[n], plain[n]))
+            status, ack = await asyncio.to_thread(sites[n].upload, job_id, rnd, masked[n], RECORDS[n])
             assert status == 200, ack
             total = masking.add_mod(total, plain[n])
         works = {}
@@ -124,7 +129,7 @@ def test_the_aggregator_unmasks_exactly_the_sum_and_refuses_what_does_not_fit(fe
             # The dropped site is told it is not a survivor; its late upload is refused.
             assert sites[dropping].unmask_work(job_id, rnd, 0)[1]["error"] == "not_a_survivor"
             masked_late = sites[dropping].mask(rosters[dropping], plaintext(q, rng))
-            assert sites[dropping].upload(job_id, rnd, masked_late)[0] == 409
+            assert sites[dropping].upload(job_id, rnd, masked_late, RECORDS[dropping])[0] == 409
         share_keys = tasks["ann"].share_keys or {}
         reveals = {n: sites[n].reveal(works[n], share_keys) for n in survivors}
         if dropping is not None:
@@ -143,7 +148,8 @@ def test_the_aggregator_unmasks_exactly_the_sum_and_refuses_what_does_not_fit(fe
         wait_for(lambda: bool(stored(fed, "SELECT 1 FROM rounds WHERE job_id=? AND round=? AND state='closed'",
                                      job_id, rnd)), 30, f"round {rnd} closed")
         (out,) = stored(fed, "SELECT model_out FROM rounds WHERE job_id=? AND round=?", job_id, rnd)[0]
-        got, want = model(fed, out), expected_model(start, total, q, len(survivors))
+        weight = sum(RECORDS[n] / max(RECORDS.values()) for n in survivors)
+        got, want = model(fed, out), expected_model(start, total, q, weight)
         assert all(np.array_equal(got[k], want[k]) for k in want), f"round {rnd}: not the exact sum"
         # The closed round's sealed shares and reveals are gone; the signed roster and request stay on record.
         wait_for(lambda: stored(fed, "SELECT DISTINCT kind FROM secagg WHERE job_id=? AND round=? ORDER BY kind",
@@ -167,13 +173,14 @@ def test_a_round_with_fewer_survivors_than_the_threshold_fails_and_unmasks_nothi
         try:
             tasks = {n: await p.task(1) for n, p in sites.items()}
             for n, p in sites.items():
-                assert (await asyncio.to_thread(p.post_bundle, p.bundle(tasks[n], spec.secagg_threshold)))[0] == 200
+                assert (await asyncio.to_thread(p.post_bundle, p.bundle(tasks[n], spec.secagg_threshold,
+                                                                         RECORDS[n])))[0] == 200
             start = model(fed, tasks["ann"].model_sha256 or "")
             q = job_quantization(spec, model_dim(start))
             for n in ("ann", "bob"):  # cid and dan drop after the roster: 2 survivors, threshold 3
                 roster = await asyncio.to_thread(sites[n].roster, job_id, 1)
                 masked = sites[n].mask(roster, plaintext(q, np.random.default_rng(1)))
-                assert (await asyncio.to_thread(sites[n].upload, job_id, 1, masked))[0] == 200
+                assert (await asyncio.to_thread(sites[n].upload, job_id, 1, masked, RECORDS[n]))[0] == 200
         finally:
             for p in sites.values():
                 await p.leave()

@@ -10,6 +10,7 @@ import json
 import secrets
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import pytest
@@ -155,27 +156,27 @@ def test_an_unmask_request_signed_by_another_key_is_refused(tmp_path: Path, ks: 
 def test_a_site_not_in_the_roster_is_excluded(tmp_path: Path, ks: dict[str, ShareKeys]) -> None:
     gate = ScriptedAggregator()
     site = FakeSite(tmp_path, gate)
-    job = ActiveJob(SPEC, cast(Any, None), site_plan())
+    job = ActiveJob(SPEC, cast(Any, SimpleNamespace(n_train=1)), site_plan())
     sr = secure_rounds(site)
     mine = asyncio.run(sr.share(task(ks), job))
     assert [b.site for b in gate.shares] == [B] and site.state.shared(JOB, 1) == mine.mask_key
     others = {s: r.bundle() for s, r in rounds(ks).items() if s != B}
     gate.roster = sign(roster(others), KEY)
     with pytest.raises(ExcludedError, match="not in round 1's roster"):
-        asyncio.run(sr.masker(task(ks), mine))
+        asyncio.run(sr.masker(task(ks), job, mine))
     with_b = roster({**others, B: gate.shares[0]})
     gate.roster = sign(with_b, Ed25519PrivateKey.generate())
     with pytest.raises(SecAggRefusedError, match="bad signature"):
-        asyncio.run(sr.masker(task(ks), mine))
+        asyncio.run(sr.masker(task(ks), job, mine))
     gate.roster = sign(with_b, KEY)
-    asyncio.run(sr.masker(task(ks), mine))  # in it, with its own key, signed by the aggregator: masks
+    asyncio.run(sr.masker(task(ks), job, mine))  # in it, with its own key, signed by the aggregator: masks
 
 
 def test_a_site_restarted_after_sharing_is_a_dropout_and_a_late_sharer_is_excluded(
         tmp_path: Path, ks: dict[str, ShareKeys]) -> None:
     gate = ScriptedAggregator()
     site = FakeSite(tmp_path, gate)
-    job = ActiveJob(SPEC, cast(Any, None), site_plan())
+    job = ActiveJob(SPEC, cast(Any, SimpleNamespace(n_train=1)), site_plan())
     asyncio.run(secure_rounds(site).share(task(ks), job))
     site.state.close()
     restarted = FakeSite(tmp_path, gate)
