@@ -9,7 +9,7 @@ holds for the sum of at least t sites' noise; the ε that one site's own share g
 three collude with the aggregator) is printed beside it. Record unit: DP-SGD as without secure aggregation, each
 update quantized and masked; the per-patient ε is unchanged.
 
-    python -m bench privacy-utility --secure                 # site ε 8 and record ε 1, 10 seeds each
+    python -m bench privacy-utility --secure                 # site ε 8 (two configurations), record ε 1
     python -m bench privacy-utility --secure --seeds 3
 """
 
@@ -26,7 +26,7 @@ from rich.table import Table
 from bench.federated import FederatedResult, run_jobs
 from bench.privacy_record import CHOSEN as RECORD_CHOSEN
 from bench.privacy_record import record_job
-from bench.privacy_utility import CHOSEN, DELTA, job_for
+from bench.privacy_utility import CHOSEN, DELTA, LEAN, job_for
 from federation.jobs import JobSpec
 from federation.models import build_model, get_weights
 from federation.secagg.accounting import secure_epsilons
@@ -46,9 +46,10 @@ def _with(job: dict[str, Any], secure: Any) -> dict[str, Any]:
     return {**job, "secure_aggregation": secure, "min_sites": min(job["min_sites"], secure["threshold"])}
 
 
-def site_job(seed: int) -> dict[str, Any]:
-    """The site unit's chosen configuration at ε 8, from a public all-zero start (the what-if's best)."""
-    return job_for(SITE_TARGET, replace(CHOSEN[SITE_TARGET], init="zeros"), seed)
+def site_job(seed: int, lean: bool = False) -> dict[str, Any]:
+    """The site unit's chosen configuration at ε 8 from a public all-zero start (the what-if's best), or the lean
+    one (six literature features, the published prior, one round)."""
+    return job_for(SITE_TARGET, LEAN[SITE_TARGET] if lean else replace(CHOSEN[SITE_TARGET], init="zeros"), seed)
 
 
 def epsilon_alone(job: dict[str, Any]) -> float | None:
@@ -64,6 +65,7 @@ def measure_secure(console: Console, seeds: int) -> None:
     for label, secure in VARIANTS:
         for seed in range(seeds):
             jobs[f"site/{label}/{seed}"] = _with(site_job(seed), secure)
+            jobs[f"lean/{label}/{seed}"] = _with(site_job(seed, lean=True), secure)
     for label, secure in VARIANTS[:2]:
         for seed in range(seeds):
             jobs[f"record/{label}/{seed}"] = _with(record_job(RECORD_TARGET, RECORD_CHOSEN, seed), secure)
@@ -75,12 +77,13 @@ def measure_secure(console: Console, seeds: int) -> None:
     for col in ("unit", "target ε", "secure aggregation", "ε spent (max over sites)", "ε of one site's noise alone",
                 "pooled AUC mean ± sd", "s/round (median)", "jobs finished"):
         table.add_column(col, justify="left" if col in ("unit", "secure aggregation") else "right")
-    for unit, target, variants in (("per site", SITE_TARGET, VARIANTS), ("per patient", RECORD_TARGET, VARIANTS[:2])):
-        key = "site" if unit == "per site" else "record"
+    for key, unit, target, variants in (("site", "per site", SITE_TARGET, VARIANTS),
+                                        ("lean", "per site, lean", SITE_TARGET, VARIANTS),
+                                        ("record", "per patient", RECORD_TARGET, VARIANTS[:2])):
         for label, _ in variants:
             runs: list[FederatedResult] = [results[f"{key}/{label}/{seed}"] for seed in range(seeds)]
             spent = [e for r in runs for e in r.epsilon.values() if e is not None]
-            alone = epsilon_alone(jobs[f"{key}/{label}/0"]) if key == "site" else None
+            alone = epsilon_alone(jobs[f"{key}/{label}/0"]) if key != "record" else None
             aucs = [r.pooled_auc for r in runs]
             table.add_row(unit, f"{target:g}", label, f"{max(spent):.3f}" if spent else "—",
                           f"{alone:.2f}" if alone is not None else "—",
@@ -89,4 +92,4 @@ def measure_secure(console: Console, seeds: int) -> None:
                           f"{sum(r.state == 'finished' for r in runs)}/{seeds}")
     console.print(table)
     console.print(f"{len(jobs)} jobs in {wall:.0f} s. Site unit: {CHOSEN[SITE_TARGET].text()}, all-zero start; "
-                  f"record unit: {RECORD_CHOSEN.text()}.")
+                  f"lean: {LEAN[SITE_TARGET].text()}; record unit: {RECORD_CHOSEN.text()}.")
