@@ -42,10 +42,9 @@ from bench.scale_sites import (
     TaskWatch,
     accept_all,
     blob_settings,
-    client_sessions,
-    cpu_s,
     hidden_for,
     job_for,
+    play_rounds,
     privatized_like,
     rss_mb,
 )
@@ -142,28 +141,14 @@ def run_one(n_sites: int, params: int, concurrency: int, keepalive: bool = True,
             stages = {"started": rss_mb(pid)}
             job_id = fed.client.submit(yaml.safe_dump(job_for(sites, hidden)))
             tasks = TaskWatch(fed, sites[0], job_id)
-            cpu: dict[int, float] = {}
             accept_all(fed, job_id, sites)
             stages["accepted"] = rss_mb(pid)
 
-            async def drive() -> None:
-                sessions = await client_sessions(fed, sites, keepalive)
-                try:
-                    for rnd in (1, 2):
-                        await asyncio.to_thread(tasks.wait, rnd)
-                        cpu[rnd] = cpu_s(pid)
-                        await upload_round(fed, job_id, rnd, sites, template, sessions, concurrency)
-                        stages[f"round {rnd}"] = rss_mb(pid)
-                    await asyncio.to_thread(tasks.wait, 3)  # round 2 closed: round 3 is open
-                    cpu[3] = cpu_s(pid)
-                finally:
-                    for s in sessions.values():
-                        await s.close()
+            async def play(rnd: int, sessions: dict[str, aiohttp.ClientSession]) -> None:
+                await upload_round(fed, job_id, rnd, sites, template, sessions, concurrency)
+                stages[f"round {rnd}"] = rss_mb(pid)
 
-            try:
-                asyncio.run(drive())
-            finally:
-                tasks.stop()
+            cpu = play_rounds(fed, tasks, sites, keepalive, play)
             first, last, closed = round_timing(fed, job_id, 2)
             rss = rss_mb(pid, "VmHWM")
             print("  aggregator RSS MB by stage: " + ", ".join(f"{k} {v:.0f}" for k, v in stages.items()))

@@ -46,10 +46,9 @@ from bench.scale_sites import (
     TaskWatch,
     accept_all,
     blob_settings,
-    client_sessions,
-    cpu_s,
     hidden_for,
     job_for,
+    play_rounds,
     privatized_like,
     rss_mb,
 )
@@ -264,7 +263,6 @@ def run_secure(n_sites: int, params: int, concurrency: int, dropout: float = 0.0
     values = {n: fixed_update(q, rng) for n in names}
     sites = {n: SecureSite(n) for n in names}
     tallies: dict[int, Tally] = {}
-    cpu: dict[int, float] = {}
     with tempfile.TemporaryDirectory(prefix="fedsilo-scale-secure-") as tmp:
         root = Path(tmp)
         with blob_settings(blobs, root) as extra, \
@@ -276,25 +274,11 @@ def run_secure(n_sites: int, params: int, concurrency: int, dropout: float = 0.0
             tasks = TaskWatch(fed, names[0], job_id)
             accept_all(fed, job_id, names, {n: s.share_key for n, s in sites.items()})
 
-            async def drive() -> None:
-                sessions = await client_sessions(fed, names, keepalive=True)
-                try:
-                    simulated = SecureSites(fed, sites, values, sessions, spec.secagg_threshold, dropping,
-                                            concurrency)
-                    for rnd in (1, 2):
-                        await asyncio.to_thread(tasks.wait, rnd)
-                        cpu[rnd] = cpu_s(pid)
-                        tallies[rnd] = await simulated.play(RoundTask.model_validate(tasks.task(rnd)))
-                    await asyncio.to_thread(tasks.wait, 3)  # round 2 closed: round 3 is open
-                    cpu[3] = cpu_s(pid)
-                finally:
-                    for s in sessions.values():
-                        await s.close()
+            async def play(rnd: int, sessions: dict[str, aiohttp.ClientSession]) -> None:
+                simulated = SecureSites(fed, sites, values, sessions, spec.secagg_threshold, dropping, concurrency)
+                tallies[rnd] = await simulated.play(RoundTask.model_validate(tasks.task(rnd)))
 
-            try:
-                asyncio.run(drive())
-            finally:
-                tasks.stop()
+            cpu = play_rounds(fed, tasks, names, True, play)
             at = phases(fed, job_id, 2)
             rss = rss_mb(pid, "VmHWM")
             t0 = time.perf_counter()

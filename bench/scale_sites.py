@@ -5,13 +5,14 @@ client per site, the blob store's settings, and the process's CPU time and memor
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import os
 import ssl
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,33 @@ async def client_sessions(fed: LocalFederation, sites: list[str], keepalive: boo
         connector = aiohttp.TCPConnector(ssl=ctx, limit=1, force_close=not keepalive)
         sessions[site] = aiohttp.ClientSession(connector=connector)
     return sessions
+
+
+def play_rounds(fed: LocalFederation, tasks: TaskWatch, sites: list[str], keepalive: bool,
+                play: Callable[[int, dict[str, aiohttp.ClientSession]], Awaitable[None]]) -> dict[int, float]:
+    """Rounds 1 and 2, each played by `play` (with every site's HTTPS client) once its task is announced, until round
+    3 opens; then `tasks` stops. Returns the aggregator's CPU seconds as each of rounds 1 to 3 opened."""
+    assert fed.aggregator is not None
+    pid, cpu = fed.aggregator.pid, {}
+
+    async def drive() -> None:
+        sessions = await client_sessions(fed, sites, keepalive)
+        try:
+            for rnd in (1, 2):
+                await asyncio.to_thread(tasks.wait, rnd)
+                cpu[rnd] = cpu_s(pid)
+                await play(rnd, sessions)
+            await asyncio.to_thread(tasks.wait, 3)  # round 2 closed: round 3 is open
+            cpu[3] = cpu_s(pid)
+        finally:
+            for s in sessions.values():
+                await s.close()
+
+    try:
+        asyncio.run(drive())
+    finally:
+        tasks.stop()
+    return cpu
 
 
 S3_BUCKET = "fedsilo-bench-scale"
