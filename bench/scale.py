@@ -12,6 +12,7 @@ observed time per update to that floor is the share left to Python, HTTP and TLS
     python -m bench scale                       # the default matrix
     python -m bench scale --sites 100 --params 1e6
     python -m bench scale --blobs both --sites 100 --params 1e4 --params 1e6   # files and S3 side by side
+    python -m bench scale --secure --sites 100 --params 1e4   # plus secure-aggregation rows (bench/scale_secure.py)
 
 With `--blobs s3` the aggregator keeps its blobs in S3 (`blob_url: s3://...`, SSE-KMS) on a moto server process on
 loopback, as the tests run it: the cost of S3's client (botocore, SigV4, HTTP, the sha256 check on every read) next
@@ -22,68 +23,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import math
 import os
 import sqlite3
-import ssl
 import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import numpy as np
-import paho.mqtt.client as mqtt
 import yaml
-from paho.mqtt.enums import CallbackAPIVersion
 
 from aggregator.blobs import FileBlobStore
 from aggregator.strategies import FedAvg
 from aggregator.validation import check_update
-from federation import topics
+from bench.scale_secure import DROPOUT, print_secure_table, run_secure
+from bench.scale_sites import (
+    TaskWatch,
+    accept_all,
+    blob_settings,
+    client_sessions,
+    cpu_s,
+    hidden_for,
+    job_for,
+    privatized_like,
+    rss_mb,
+)
 from federation.jobs import JobSpec
-from federation.messages import ENVELOPE_HEADER, EvalMetrics, SiteEvent, UpdateEnvelope, canonical_json, update_path
+from federation.messages import ENVELOPE_HEADER, EvalMetrics, UpdateEnvelope, update_path
 from federation.models import Weights, build_model, get_weights
-from federation.signing import load_public_key, verify
 from federation.tensors import encode, sha256_hex
 from fedsilo.local import LocalFederation
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "heart-disease.yaml"
-CLIP, SIGMA = 1.0, 0.5
 # 1,000 sites × 10^7 parameters is 40 GB per round through one 2-core machine's loopback and disk: left out of
 # the default matrix (run it with --sites 1000 --params 1e7 on a machine with the disk for it).
 DEFAULT = [(100, 10**4), (1000, 10**4), (100, 10**6), (1000, 10**6), (100, 10**7)]
-
-
-def hidden_for(params: int, input_dim: int = 25) -> list[int]:
-    """An MLP width (one or two hidden layers) whose parameter count is close to `params`."""
-    one = max(1, round((params - 1) / (input_dim + 2)))
-    if one <= 65_536:
-        return [one]
-    # two layers of width h: h·(input_dim + h + 3) + 1 ≈ params
-    h = int((-(input_dim + 3) + math.sqrt((input_dim + 3) ** 2 + 4 * (params - 1))) / 2)
-    return [h, h]
-
-
-def job_for(sites: list[str], hidden: list[int]) -> dict[str, Any]:
-    job: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
-    job.update(name="scale", sites=sites, min_sites=len(sites), rounds=3, round_deadline_s=3600,
-               accept_deadline_s=600, model={"name": "mlp", "hidden": hidden})
-    # Update-level DP: every upload carries N(0, (σC)²) noise on each parameter, the largest a valid update gets
-    # (a per-patient job's clipped, un-noised update is smaller and cheaper to check).
-    job["privacy"] = {"unit": "site", "clip_norm": CLIP, "noise_multiplier": SIGMA, "delta": 1e-5}
-    return job
-
-
-def privatized_like(template: Weights, seed: int) -> Weights:
-    """What a site sends: a clipped delta plus N(0, (σC)²) noise — here noise only, which has the same size."""
-    rng = np.random.default_rng(seed)
-    return {k: rng.normal(0.0, SIGMA * CLIP, size=v.shape).astype(np.float32) for k, v in template.items()}
+# With --secure every site's share bundle is computed in this one process, one at a time (Shamir splits, O(sites · t)
+# each: ≈ 0.2 s at 100 sites): beyond a few hundred sites they outlast the round's share window (60 s).
+SECURE_DEFAULT = [(20, 10**4), (100, 10**4)]
 
 
 @dataclass
@@ -100,61 +77,6 @@ class Result:
     cpu_ms: float  # the aggregator's CPU time per update in round 2 (ingest and finalize)
     cancel_s: float  # the operator's cancel of the running job, request to answer
     blobs: str = "files"  # where the aggregator keeps blobs: files (fsynced) or s3 (moto on loopback)
-
-
-def accept_all(fed: LocalFederation, job_id: str, sites: list[str]) -> None:
-    """Each simulated site answers the offer over MQTT with its own certificate (the broker's ACL lets a site
-    publish only on its own topics), then disconnects."""
-
-    def accept(site: str) -> None:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"sim-{site}", clean_session=True)
-        client.tls_set_context(fed.tls("site", site).client_context())
-        client.connect("127.0.0.1", fed.broker.port)
-        event = SiteEvent(site=site, job_id=job_id, kind="accepted", at=time.time())
-        info = client.publish(topics.events(site), canonical_json(event), qos=1)  # queued until CONNACK
-        deadline = time.monotonic() + 30
-        while not info.is_published():  # drive the network loop in this thread: no per-client thread to join
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{site}: the broker did not acknowledge the acceptance")
-            client.loop(0.05)
-        client.disconnect()
-
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(accept, sites))
-
-
-class TaskWatch:
-    """The round tasks one simulated site receives over MQTT (its own topic; the broker's ACL allows no other),
-    verified like an agent verifies them: `wait(rnd)` returns once round `rnd` or a later one was announced."""
-
-    def __init__(self, fed: LocalFederation, site: str, job_id: str) -> None:
-        self._key = load_public_key(fed.pki.signing_pub)
-        self._latest = 0
-        self._cond = threading.Condition()
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"watch-{site}", clean_session=True)
-        self._client.tls_set_context(fed.tls("site", site).client_context())
-        self._client.on_connect = lambda c, *_: c.subscribe(topics.tasks(site, job_id), qos=1)
-        self._client.on_message = self._on_message
-        self._client.connect("127.0.0.1", fed.broker.port)
-        self._client.loop_start()
-
-    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        if not msg.payload:
-            return
-        task = verify(bytes(msg.payload), self._key)
-        with self._cond:
-            if task["kind"] in ("train", "evaluate"):
-                self._latest = max(self._latest, int(task["round"]))
-            self._cond.notify_all()
-
-    def wait(self, rnd: int, within: float = 3600) -> None:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._latest >= rnd, timeout=within):
-                raise TimeoutError(f"round {rnd} was not announced within {within:.0f} s")
-
-    def stop(self) -> None:
-        self._client.loop_stop()
-        self._client.disconnect()
 
 
 async def upload_round(fed: LocalFederation, job_id: str, rnd: int, sites: list[str], template: Weights,
@@ -187,20 +109,6 @@ def round_timing(fed: LocalFederation, job_id: str, rnd: int) -> tuple[float, fl
         db.close()
 
 
-def cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) a process has used so far: unlike wall time, barely moved by other load."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int, field: str = "VmRSS") -> float:
-    """A memory figure of /proc/<pid>/status in MB: resident now (VmRSS) or its peak so far (VmHWM)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def floor_ms(spec: JobSpec, template: Weights, workdir: Path, repeats: int = 5) -> float:
     """The least the server must do per update, timed in-process: hash, decode+validate, durable write, fold."""
     body = encode(privatized_like(template, 1))
@@ -216,36 +124,6 @@ def floor_ms(spec: JobSpec, template: Weights, workdir: Path, repeats: int = 5) 
         strategy.add(update, 100)
         best = min(best, time.perf_counter() - t0)
     return best * 1000
-
-
-async def client_sessions(fed: LocalFederation, sites: list[str], keepalive: bool) -> dict[str, aiohttp.ClientSession]:
-    """One HTTPS client per site, as each agent has; with `keepalive` its connection stays open between uploads."""
-    sessions = {}
-    for site in sites:
-        ctx: ssl.SSLContext = fed.tls("site", site).client_context()
-        connector = aiohttp.TCPConnector(ssl=ctx, limit=1, force_close=not keepalive)
-        sessions[site] = aiohttp.ClientSession(connector=connector)
-    return sessions
-
-
-S3_BUCKET = "fedsilo-bench-scale"
-
-
-@contextlib.contextmanager
-def blob_settings(kind: str, root: Path) -> Iterator[dict[str, Any]]:
-    """The aggregator's blob settings for `kind` ("files": its default; "s3": a bucket on a moto server)."""
-    if kind == "files":
-        yield {}
-        return
-    import boto3
-
-    from bench.blobs import moto_s3
-
-    with moto_s3(root) as (url, key):
-        boto3.client("s3", endpoint_url=url).create_bucket(
-            Bucket=S3_BUCKET, CreateBucketConfiguration={"LocationConstraint": os.environ["AWS_DEFAULT_REGION"]})
-        yield {"blob_url": f"s3://{S3_BUCKET}/aggregator",
-               "blob_s3": {"endpoint_url": url, "kms_key_id": key, "addressing_style": "path"}}
 
 
 def run_one(n_sites: int, params: int, concurrency: int, keepalive: bool = True, blobs: str = "files") -> Result:
@@ -325,17 +203,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-keepalive", action="store_true", help="a new TLS connection for every upload")
     parser.add_argument("--blobs", choices=("files", "s3", "both"), default="files",
                         help="the aggregator's blob store: files on disk, S3 on a moto server, or both in turn")
+    parser.add_argument("--secure", action="store_true",
+                        help="also a secure-aggregation job per configuration, every site running the protocol")
+    parser.add_argument("--dropout", type=float, default=DROPOUT,
+                        help="with --secure, a further secure row in which this fraction of the sites (at least "
+                             "one) drops after the roster; 0: none (default %(default)s)")
+    parser.add_argument("--no-plain", action="store_true", help="with --secure, only the secure rows")
     args = parser.parse_args(argv)
-    matrix = DEFAULT
+    if args.no_plain and not args.secure:
+        parser.error("--no-plain needs --secure")
+    matrix = SECURE_DEFAULT if args.secure else DEFAULT
     if args.sites or args.params:
         matrix = [(s, int(p)) for p in (args.params or [1e4]) for s in (args.sites or [100])]
-    results = []
+    dropouts = ([0.0, args.dropout] if args.dropout > 0 else [0.0]) if args.secure else []
+    results, secure = [], []
     stores = ("files", "s3") if args.blobs == "both" else (args.blobs,)
     for n_sites, params in matrix:
         for store in stores:
-            print(f"running {n_sites} sites × {params:,} parameters, blobs in {store} ...", flush=True)
-            results.append(run_one(n_sites, params, args.concurrency, keepalive=not args.no_keepalive, blobs=store))
-    print_table(results)
+            if not args.no_plain:
+                print(f"running {n_sites} sites × {params:,} parameters, blobs in {store} ...", flush=True)
+                results.append(run_one(n_sites, params, args.concurrency, keepalive=not args.no_keepalive,
+                                       blobs=store))
+            for dropout in dropouts:
+                print(f"running {n_sites} sites × {params:,} parameters, secure aggregation, dropout {dropout:g}, "
+                      f"blobs in {store} ...", flush=True)
+                secure.append(run_secure(n_sites, params, args.concurrency, dropout, blobs=store))
+    if results:
+        print_table(results)
+    if secure:
+        print_secure_table(secure)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Participants of a secure-aggregation job driven by a test: real site certificates, the real broker and the
-aggregator's real endpoints, the protocol's math from `federation.secagg`, and plaintext updates the test chooses,
-so that what the aggregator computes can be checked exactly, and what a dishonest site sends can be chosen."""
+aggregator's real endpoints, the protocol's math from `federation.secagg` (through `bench.secagg_site`, which the
+scale benchmark's simulated sites run too), and plaintext updates the test chooses, so that what the aggregator
+computes can be checked exactly, and what a dishonest site sends can be chosen."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -14,38 +14,31 @@ from typing import Any
 
 import numpy as np
 
+from bench.secagg_site import SecureSite, masked_upload
 from federation import topics
-from federation.messages import ENVELOPE_HEADER, RoundTask, SiteEvent, UpdateEnvelope, canonical_json, update_path
+from federation.messages import ENVELOPE_HEADER, RoundTask, SiteEvent, canonical_json, update_path
 from federation.mqtt import MqttLink
-from federation.secagg import keys, masking, shamir
-from federation.secagg.job import MASKED, mask_purpose, share_purpose
 from federation.secagg.messages import (
     MaskRoster,
     Reveal,
     ShareBundle,
-    UnmaskRequest,
     UnmaskWork,
-    b64,
     reveal_path,
     roster_path,
     shares_path,
-    unb64,
     unmask_path,
 )
-from federation.tensors import encode, sha256_hex
 from federation.transport import BrokerConfig
 from fedsilo.local import LocalFederation
 
 
-class SecureParticipant:
-    """One test-driven site: its per-job share key, and each round's mask key and self-mask seed."""
+class SecureParticipant(SecureSite):
+    """One test-driven site: `SecureSite`'s keys and messages, sent over MQTT and mutual TLS as this site."""
 
     def __init__(self, fed: LocalFederation, name: str) -> None:
-        self.fed, self.name = fed, name
-        self.share_private = keys.new_private_key()
+        super().__init__(name)
+        self.fed = fed
         self.tasks: dict[int, RoundTask] = {}
-        self.mask_private: dict[int, bytes] = {}
-        self.seed: dict[int, bytes] = {}
         self.link: MqttLink | None = None
 
     # ---------------------------------------------------------------- MQTT
@@ -60,8 +53,7 @@ class SecureParticipant:
         await self.link.start()
         await asyncio.wait_for(self.link.connected.wait(), 10)
         self.link.publish(topics.events(self.name), canonical_json(SiteEvent(
-            site=self.name, job_id=job_id, kind="accepted", share_key=b64(keys.public_key(self.share_private)),
-            at=time.time())))
+            site=self.name, job_id=job_id, kind="accepted", share_key=self.share_key, at=time.time())))
 
     async def task(self, rnd: int, within: float = 30) -> RoundTask:
         deadline = time.monotonic() + within
@@ -74,42 +66,6 @@ class SecureParticipant:
     async def leave(self) -> None:
         if self.link is not None:
             await self.link.stop()
-
-    # ---------------------------------------------------------------- protocol
-    def bundle(self, task: RoundTask, threshold: int, num_samples: int = 10) -> ShareBundle:
-        assert task.share_keys is not None
-        rnd = task.round
-        self.mask_private[rnd], self.seed[rnd] = keys.new_private_key(), os.urandom(32)
-        participants = sorted(task.share_keys)
-        key_shares = shamir.split(self.mask_private[rnd], threshold, len(participants))
-        seed_shares = shamir.split(self.seed[rnd], threshold, len(participants))
-        sealed = {
-            p: b64(keys.seal(keys.agree(self.share_private, unb64(task.share_keys[p]), share_purpose(task.job_id)),
-                             key_shares[i] + seed_shares[i], keys.share_ad(task.job_id, rnd, self.name, p)))
-            for i, p in enumerate(participants)
-        }
-        return ShareBundle(job_id=task.job_id, round=rnd, site=self.name,
-                           mask_key=b64(keys.public_key(self.mask_private[rnd])), num_samples=num_samples,
-                           seed_commitment=sha256_hex(self.seed[rnd]), shares=sealed)
-
-    def mask(self, roster: MaskRoster, values: np.ndarray) -> np.ndarray:
-        rnd = roster.round
-        seeds = {p: keys.agree(self.mask_private[rnd], unb64(k), mask_purpose(roster.job_id, rnd))
-                 for p, k in roster.mask_keys.items() if p != self.name}
-        return masking.mask(values, self.seed[rnd], seeds, self.name)
-
-    def reveal(self, work: UnmaskWork, share_keys: dict[str, str]) -> Reveal:
-        request = UnmaskRequest.model_validate(json.loads(work.request)["message"])
-        opened: dict[str, tuple[bytes, bytes]] = {}
-        for sender, blob in work.inbox.items():
-            plain = keys.open_sealed(
-                keys.agree(self.share_private, unb64(share_keys[sender]), share_purpose(request.job_id)),
-                unb64(blob), keys.share_ad(request.job_id, request.round, sender, self.name))
-            half = len(plain) // 2
-            opened[sender] = (plain[:half], plain[half:])
-        return Reveal(job_id=request.job_id, round=request.round, site=self.name,
-                      self_mask_shares={s: b64(opened[s][1]) for s in request.survivors},
-                      mask_key_shares={s: b64(opened[s][0]) for s in request.dropped})
 
     # ---------------------------------------------------------------- HTTP (mutual TLS as this site)
     def call(self, method: str, path: str, body: bytes | None = None,
@@ -132,9 +88,7 @@ class SecureParticipant:
         return MaskRoster.model_validate(json.loads(body)["message"])
 
     def upload(self, job_id: str, rnd: int, masked: np.ndarray, num_samples: int = 10) -> tuple[int, Any]:
-        payload = encode({MASKED: masked.astype(np.int64)})
-        env = UpdateEnvelope(job_id=job_id, round=rnd, site=self.name, num_samples=num_samples,
-                             sha256=sha256_hex(payload), evaluation=None, train_loss=0.5, epsilon=None)
+        payload, env = masked_upload(job_id, rnd, self.name, masked, num_samples)
         status, body = self.call("POST", update_path(job_id, rnd), payload,
                                  {ENVELOPE_HEADER: env.model_dump_json()})
         return status, json.loads(body)
