@@ -5,10 +5,9 @@ endpoint, the caller is the site its certificate names and every refusal goes th
 from __future__ import annotations
 
 from aiohttp import web
-from pydantic import ValidationError
 
-from aggregator.api import ENGINE, json_response, read_body, reject
-from aggregator.api_sites import malformed, site_call
+from aggregator.api import ENGINE, json_response, reject
+from aggregator.api_sites import json_post, site_call
 from aggregator.validation import Rejection
 from federation.secagg.messages import MAX_WAIT_S, Reveal, ShareBundle
 
@@ -29,17 +28,7 @@ def _pending() -> web.Response:
 @routes.post("/api/v1/jobs/{job_id}/rounds/{round}/secagg/shares")
 @site_call
 async def post_shares(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
-    try:
-        bundle = ShareBundle.model_validate_json(await read_body(request))
-    except ValidationError as exc:
-        return await reject(request, malformed("malformed_shares", exc), site, job_id, rnd)
-    if bundle.site != site or (bundle.job_id, bundle.round) != (job_id, rnd):
-        r = Rejection("identity_mismatch", "the bundle's site/job/round differ from the caller's", 403)
-        return await reject(request, r, site, job_id, rnd)
-    try:
-        return json_response(await request.app[ENGINE].receive_shares(site, bundle))
-    except Rejection as r:
-        return await reject(request, r, site, job_id, rnd)
+    return await json_post(request, site, job_id, rnd, ShareBundle, "shares", request.app[ENGINE].receive_shares)
 
 
 @routes.get("/api/v1/jobs/{job_id}/rounds/{round}/secagg/roster")
@@ -65,14 +54,4 @@ async def get_unmask(request: web.Request, site: str, job_id: str, rnd: int) -> 
 @routes.post("/api/v1/jobs/{job_id}/rounds/{round}/secagg/reveal")
 @site_call
 async def post_reveal(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
-    try:
-        reveal = Reveal.model_validate_json(await read_body(request))
-    except ValidationError as exc:
-        return await reject(request, malformed("malformed_reveal", exc), site, job_id, rnd)
-    if reveal.site != site or (reveal.job_id, reveal.round) != (job_id, rnd):
-        r = Rejection("identity_mismatch", "the reveal's site/job/round differ from the caller's", 403)
-        return await reject(request, r, site, job_id, rnd)
-    try:
-        return json_response(await request.app[ENGINE].receive_reveal(site, reveal))
-    except Rejection as r:
-        return await reject(request, r, site, job_id, rnd)
+    return await json_post(request, site, job_id, rnd, Reveal, "reveal", request.app[ENGINE].receive_reveal)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import structlog
 from aiohttp import web
@@ -106,20 +107,37 @@ async def upload_update(request: web.Request, site: str, job_id: str, rnd: int) 
     return response
 
 
+class SiteBody(Protocol):
+    site: str
+    job_id: str
+    round: int
+
+
+B = TypeVar("B", bound=SiteBody)
+
+
+async def json_post(request: web.Request, site: str, job_id: str, rnd: int, model: type[B], what: str,
+                    receive: Callable[[str, B], Awaitable[dict[str, Any]]]) -> web.Response:
+    """A site's JSON message: parsed as hostile, its site/job/round the caller's and the URL's, then handed to the
+    engine; every refusal explained through `reject`."""
+    try:
+        body = model.model_validate_json(await read_body(request))  # type: ignore[attr-defined]
+    except ValidationError as exc:
+        return await reject(request, malformed(f"malformed_{what}", exc), site, job_id, rnd)
+    if body.site != site or (body.job_id, body.round) != (job_id, rnd):
+        r = Rejection("identity_mismatch", f"the {what}'s site/job/round differ from the caller's", 403)
+        return await reject(request, r, site, job_id, rnd)
+    try:
+        return json_response(await receive(site, body))
+    except Rejection as r:
+        return await reject(request, r, site, job_id, rnd)
+
+
 @routes.post("/api/v1/jobs/{job_id}/rounds/{round}/evaluation")
 @site_call
 async def upload_evaluation(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
-    try:
-        report = EvaluationReport.model_validate_json(await read_body(request))
-    except ValidationError as exc:
-        return await reject(request, malformed("malformed_evaluation", exc), site, job_id, rnd)
-    if report.site != site or (report.job_id, report.round) != (job_id, rnd):
-        r = Rejection("identity_mismatch", "the report's site/job/round differ from the caller's", 403)
-        return await reject(request, r, site, job_id, rnd)
-    try:
-        return json_response(await request.app[ENGINE].receive_evaluation(site, report))
-    except Rejection as r:
-        return await reject(request, r, site, job_id, rnd)
+    return await json_post(request, site, job_id, rnd, EvaluationReport, "evaluation",
+                           request.app[ENGINE].receive_evaluation)
 
 
 def _int(text: str) -> int:

@@ -308,21 +308,25 @@ class RoundTransitions:
             raise Rejection("round_not_open", f"round {rnd} is not an open {kind} round", 409)
         return current
 
-    def _arm(self, runner: JobRunner, delay: float, fn: Callable[[JobRunner], Awaitable[None]]) -> None:
-        if runner.timer is not None:
-            runner.timer.cancel()
+    def _arm(self, runner: JobRunner, delay: float, fn: Callable[[JobRunner], Awaitable[None]],
+             slot: str = "timer") -> None:
+        """Call `fn(runner)` under the job's lock after `delay`, replacing what the runner's `slot` (its round
+        timer, or the secure round's share window: `secure_timer`) was waiting for."""
+        earlier = getattr(runner, slot)
+        if earlier is not None:
+            earlier.cancel()
 
         async def fire() -> None:
             await asyncio.sleep(delay)
             async with runner.lock:
-                runner.timer = None
+                setattr(runner, slot, None)
                 if not runner.ended:
                     try:
                         await fn(runner)
                     except FencedOut as exc:
                         self.lose(runner.job_id, str(exc))
 
-        runner.timer = asyncio.create_task(fire())
+        setattr(runner, slot, asyncio.create_task(fire()))
 
     def _global_gauges(self, runner: JobRunner, evals: dict[str, EvalMetrics]) -> None:
         if not evals:

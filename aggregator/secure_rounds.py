@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -23,7 +22,6 @@ import structlog
 from aggregator.rounds import RoundTransitions, nonce
 from aggregator.runner import JobRunner, quorum_size
 from aggregator.secagg import SecureRound
-from aggregator.store.leases import FencedOut
 from aggregator.store.secagg import AGGREGATOR
 from aggregator.validation import Rejection
 from federation.faults import failpoint
@@ -51,7 +49,7 @@ class SecureSteps(RoundTransitions):
         participants = sorted(s for s in runner.active_sites if s in runner.share_keys)
         runner.secure = SecureRound(runner.job_id, rnd, runner.spec.secagg_threshold, participants,
                                     runner.global_weights)
-        self._arm_secure(runner, share_window(runner), self._share_deadline)
+        self._arm(runner, share_window(runner), self._share_deadline, "secure_timer")
 
     async def _secure_progress(self, runner: JobRunner) -> None:
         """Move the open secure round on as far as what is stored allows."""
@@ -243,7 +241,7 @@ class SecureSteps(RoundTransitions):
             sr.reveals[site] = Reveal.model_validate_json(body)
         if sr.roster is None:
             remaining = runner.round.started_at + share_window(runner) - time.time() if runner.round else 0.0
-            self._arm_secure(runner, max(remaining, 0.0), self._share_deadline)
+            self._arm(runner, max(remaining, 0.0), self._share_deadline, "secure_timer")
         await self._secure_progress(runner)
 
     async def _drop_round(self, runner: JobRunner, rnd: int) -> None:
@@ -254,23 +252,6 @@ class SecureSteps(RoundTransitions):
 
     async def _load_share_keys(self, runner: JobRunner) -> None:
         runner.share_keys = dict(await self._db(self._store.secagg_rows, runner.job_id, 0, "key"))
-
-    def _arm_secure(self, runner: JobRunner, delay: float, fn: Callable[[JobRunner], Awaitable[None]]) -> None:
-        """A second timer beside the round's deadline: the share window."""
-        if runner.secure_timer is not None:
-            runner.secure_timer.cancel()
-
-        async def fire() -> None:
-            await asyncio.sleep(delay)
-            async with runner.lock:
-                runner.secure_timer = None
-                if not runner.ended:
-                    try:
-                        await fn(runner)
-                    except FencedOut as exc:
-                        self.lose(runner.job_id, str(exc))
-
-        runner.secure_timer = asyncio.create_task(fire())
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:
