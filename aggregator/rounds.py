@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Protocol
@@ -47,7 +48,7 @@ def nonce() -> str:
     return secrets.token_hex(16)
 
 
-class RoundTransitions:
+class RoundTransitions(ABC):
     """The engine's state machine per job, and the dependencies every part of the engine uses."""
 
     def __init__(
@@ -269,14 +270,17 @@ class RoundTransitions:
         self._post(JobEnded(runner.job_id, state))
 
     # ---------------------------------------------------------------- secure aggregation (SecureSteps)
+    @abstractmethod
     def _secure_open(self, runner: JobRunner, rnd: int) -> None:
-        raise NotImplementedError
+        """A secure job's train round opened: start its protocol state and share window."""
 
+    @abstractmethod
     async def _secure_progress(self, runner: JobRunner) -> None:
-        raise NotImplementedError
+        """Move a secure round on as far as what is stored allows (instead of closing at quorum)."""
 
+    @abstractmethod
     async def _secure_deadline(self, runner: JobRunner) -> None:
-        raise NotImplementedError
+        """A secure round's deadline (instead of the plain one)."""
 
     # ---------------------------------------------------------------- helpers
     async def _runner_for(self, site: str, job_id: str) -> JobRunner:
