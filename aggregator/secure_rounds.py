@@ -46,9 +46,7 @@ def unmask_window(runner: JobRunner) -> float:
 class SecureSteps(RoundTransitions):
     # ---------------------------------------------------------------- hooks from the round transitions
     def _secure_open(self, runner: JobRunner, rnd: int) -> None:
-        participants = sorted(s for s in runner.active_sites if s in runner.share_keys)
-        runner.secure = SecureRound(runner.job_id, rnd, runner.spec.secagg_threshold, participants,
-                                    runner.global_weights)
+        runner.secure = _new_round(runner, rnd)
         self._arm(runner, share_window(runner), self._share_deadline, "secure_timer")
 
     async def _secure_progress(self, runner: JobRunner) -> None:
@@ -224,10 +222,10 @@ class SecureSteps(RoundTransitions):
         return []
 
     async def _secure_recover(self, runner: JobRunner, rnd: int) -> None:
-        """Rebuild the open round's protocol state from the store, then move on as far as it allows."""
-        sr = runner.secure = SecureRound(runner.job_id, rnd, runner.spec.secagg_threshold,
-                                         sorted(s for s in runner.active_sites if s in runner.share_keys),
-                                         runner.global_weights)
+        """Rebuild the open round's protocol state from the store, and its share window. The caller (the engine's
+        resume) announces the round, arms its deadline (the unmask request's, once frozen) and then moves it on:
+        moving it on here, before the announcement, could close it and have the old round announced after."""
+        sr = runner.secure = _new_round(runner, rnd)
         for site, body in (await self._db(self._store.secagg_rows, runner.job_id, rnd, "shares")).items():
             sr.bundles[site] = ShareBundle.model_validate_json(body)
         frozen = await self._db(self._store.secagg_rows, runner.job_id, rnd, "roster")
@@ -238,14 +236,11 @@ class SecureSteps(RoundTransitions):
         frozen = await self._db(self._store.secagg_rows, runner.job_id, rnd, "unmask")
         if AGGREGATOR in frozen:
             self._load_unmask(sr, frozen[AGGREGATOR].encode())
-            assert sr.unmask is not None
-            self._arm(runner, max(sr.unmask.deadline - time.time(), 0.0), self._unmask_deadline)
         for site, body in (await self._db(self._store.secagg_rows, runner.job_id, rnd, "reveal")).items():
             sr.reveals[site] = Reveal.model_validate_json(body)
         if sr.roster is None:
             remaining = runner.round.started_at + share_window(runner) - time.time() if runner.round else 0.0
             self._arm(runner, max(remaining, 0.0), self._share_deadline, "secure_timer")
-        await self._secure_progress(runner)
 
     async def _drop_round(self, runner: JobRunner, rnd: int) -> None:
         try:
@@ -255,6 +250,12 @@ class SecureSteps(RoundTransitions):
 
     async def _load_share_keys(self, runner: JobRunner) -> None:
         runner.share_keys = dict(await self._db(self._store.secagg_rows, runner.job_id, 0, "key"))
+
+
+def _new_round(runner: JobRunner, rnd: int) -> SecureRound:
+    """Round `rnd`'s protocol state: its participants are the accepting sites whose share keys the task lists."""
+    return SecureRound(runner.job_id, rnd, runner.spec.secagg_threshold,
+                       sorted(s for s in runner.active_sites if s in runner.share_keys), runner.global_weights)
 
 
 async def _wait(event: asyncio.Event, seconds: float) -> None:
