@@ -33,6 +33,7 @@ log = structlog.get_logger(__name__)
 # round's uploads are in, at the latest at the deadline; this covers an aggregator restart or failover in between.
 UNMASK_AFTER_DEADLINE_S = 300.0
 MIN_POLL_S = 1.0  # a 202 that comes back sooner than this is waited out, so an impatient server is not hammered
+MAX_KEPT_ROSTERS = 64  # rosters masked against, kept for the unmask phase (which fetches one it does not hold)
 T = TypeVar("T")
 
 
@@ -41,6 +42,7 @@ class SecureRounds:
         self._s = site
         self._verifier = verifier
         self._unmasking: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._rosters: dict[tuple[str, int], MaskRoster] = {}  # checked and masked against, awaiting the unmask
 
     # ---------------------------------------------------------------- before and after training
     async def share(self, task: RoundTask, job: ActiveJob) -> SecureRound:
@@ -78,6 +80,9 @@ class SecureRounds:
             raise RoundLateError(f"round {task.round}'s roster was not frozen before its deadline: its update was not "
                                  "released and no ε was charged")
         secure.check_roster(roster)
+        self._rosters[(task.job_id, task.round)] = roster
+        while len(self._rosters) > MAX_KEPT_ROSTERS:
+            self._rosters.pop(next(iter(self._rosters)))
         weight = weights(job.spec, roster.num_samples)[self._s.name]
         log.info("secagg_roster", sites=len(roster.mask_keys), weight=round(weight, 4))
         return (lambda values: secure.mask(values, roster)), weight
@@ -104,6 +109,8 @@ class SecureRounds:
         for (job, _), t in list(self._unmasking.items()):
             if job == job_id:
                 t.cancel()
+        for key in [k for k in self._rosters if k[0] == job_id]:
+            del self._rosters[key]
 
     async def stop(self) -> None:
         tasks = list(self._unmasking.values())
@@ -129,7 +136,8 @@ class SecureRounds:
         s, job_id, rnd = self._s, task.job_id, task.round
         horizon = (task.deadline if task.deadline is not None else time.time()) + UNMASK_AFTER_DEADLINE_S
         try:
-            roster = await self._roster(job_id, rnd, horizon)
+            # The roster this site masked against, or (after a restart) the one the aggregator froze.
+            roster = self._rosters.pop((job_id, rnd), None) or await self._roster(job_id, rnd, horizon)
             work = await self._work(job_id, rnd, horizon) if roster is not None else None
             if roster is None or work is None:
                 log.warning("secagg_no_unmask_work", roster=roster is not None)

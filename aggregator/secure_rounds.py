@@ -165,6 +165,8 @@ class SecureSteps(RoundTransitions):
                                bundle.model_dump_json(), time.time(), fence=runner.fence)
                 sr.bundles[site] = bundle
                 failpoint("secagg_after_shares")
+                log.info("secagg_shares_accepted", job=runner.job_id, round=sr.round, site=site,
+                         bundles=len(sr.bundles))
                 await self._secure_progress(runner)
                 return {"status": "accepted", "job_id": runner.job_id, "round": sr.round}
         return {"status": "duplicate", "job_id": runner.job_id, "round": bundle.round}

@@ -10,8 +10,10 @@ at the points x = 1, 2, …, n. Its limits, and ours on top:
   gives the index 2 bytes, so n ≤ 65535;
 - its `combine` interpolates through exactly the points it is given and cannot tell a wrong answer: given fewer
   than t shares it returns garbage without complaint. So `combine` here counts the shares against the threshold
-  first. Neither can detect a share that is well-formed but false (a lying holder): a caller should check a
-  reconstructed private key against the public key the site announced (a self seed has no such check).
+  first, and interpolates in the same field with coefficients computed once per index set (`gf128`: 15–35× faster,
+  checked against pycryptodome's `combine` in the tests). Neither can detect a share that is well-formed but false
+  (a lying holder): a caller checks a reconstructed secret against its commitment (a private key against the
+  public key the site announced, a self seed against the hash in its share bundle).
 
 Share layout (fixed): 2-byte big-endian index (1…n) ‖ 16 bytes per half (the half-secrets' shares in order), so a
 share of a 16-byte secret is 18 bytes and of a 32-byte secret 34 bytes.
@@ -23,6 +25,7 @@ import struct
 
 from Crypto.Protocol.SecretSharing import Shamir
 
+from federation.secagg import gf128
 from federation.secagg.errors import SecAggError
 
 HALF = 16
@@ -81,6 +84,6 @@ def combine(shares: list[bytes], threshold: int) -> bytes:
     assert length is not None
     halves = []
     for offset in range(0, length, HALF):
-        points = [(index, body[offset : offset + HALF]) for index, body in chosen]
-        halves.append(Shamir.combine(points, ssss=False))
+        points = [(index, int.from_bytes(body[offset : offset + HALF], "big")) for index, body in chosen]
+        halves.append(gf128.interpolate_at_zero(points).to_bytes(HALF, "big"))
     return b"".join(halves)
