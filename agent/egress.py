@@ -175,11 +175,14 @@ class EgressGate:
         return await self._request("POST", evaluation_path(report.job_id, report.round), body, headers)
 
     # ---------------------------------------------------------------- secure aggregation
-    async def send_shares(self, bundle: ShareBundle) -> bytes:
-        """Post this round's mask key and sealed shares (the aggregator can open none of them)."""
+    async def send_shares(self, bundle: ShareBundle, wait: float = 0.0) -> bytes:
+        """Post this round's mask key and sealed shares (the aggregator can open none of them). With `wait` > 0 the
+        answer may carry the signed roster (`roster`), for the caller to verify."""
         if bundle.site != self._site:
             raise self._refuse("secagg_shares", "shares for another site", claimed=bundle.site)
-        return await self._request("POST", shares_path(bundle.job_id, bundle.round), canonical_json(bundle),
+        wait = min(max(wait, 0.0), MAX_WAIT_S)
+        query = f"?wait={wait:.3f}" if wait > 0 else ""
+        return await self._request("POST", shares_path(bundle.job_id, bundle.round) + query, canonical_json(bundle),
                                    {"Content-Type": "application/json"})
 
     async def fetch_roster(self, job_id: str, rnd: int, wait: float) -> bytes | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
@@ -33,8 +34,9 @@ log = structlog.get_logger(__name__)
 # round's uploads are in, at the latest at the deadline; this covers an aggregator restart or failover in between.
 UNMASK_AFTER_DEADLINE_S = 300.0
 MIN_POLL_S = 1.0  # a 202 that comes back sooner than this is waited out, so an impatient server is not hammered
-MAX_KEPT_ROSTERS = 64  # rosters masked against, kept for the unmask phase (which fetches one it does not hold)
+MAX_KEPT_ROSTERS = 64  # rosters per kind kept between steps (a step without one fetches it)
 T = TypeVar("T")
+V = TypeVar("V")
 
 
 class SecureRounds:
@@ -43,11 +45,13 @@ class SecureRounds:
         self._verifier = verifier
         self._unmasking: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._rosters: dict[tuple[str, int], MaskRoster] = {}  # checked and masked against, awaiting the unmask
+        self._answered: dict[tuple[str, int], bytes] = {}  # signed rosters that came with the shares' answer
 
     # ---------------------------------------------------------------- before and after training
     async def share(self, task: RoundTask, job: ActiveJob) -> SecureRound:
-        """Make the round's mask secrets and post their shares, retrying until the deadline. A site that already
-        posted shares for this round (before a restart) lost those secrets: it is a dropout (`ExcludedError`)."""
+        """Make the round's mask secrets and post their shares, retrying until the deadline; the answer waits for
+        the round's roster and usually carries it, for `masker`. A site that already posted shares for this round
+        (before a restart) lost those secrets: it is a dropout (`ExcludedError`)."""
         s = self._s
         if s.state.shared(task.job_id, task.round) is not None:
             raise ExcludedError(f"this site posted its shares for round {task.round} and restarted before uploading: "
@@ -60,14 +64,21 @@ class SecureRounds:
                              num_samples=job.data.n_train)
         bundle = secure.bundle()
         s.state.record_shared(task.job_id, task.round, secure.mask_key)
+        # The answer waits for the roster (frozen once every participant shared): training goes on meanwhile.
+        wait = MAX_WAIT_S if task.deadline is None else min(MAX_WAIT_S, max(task.deadline - time.time(), 0.0))
         try:
-            ack = await retrying(lambda: s.gate.send_shares(bundle), task.deadline)
+            ack = await retrying(lambda: s.gate.send_shares(bundle, wait), task.deadline)
         except UploadRejectedError as exc:
             if exc.code == "roster_frozen":
                 raise ExcludedError(f"round {task.round}'s roster was frozen before this site's shares arrived: "
                                     "nothing was trained, released or charged") from None
             raise
-        log.info("secagg_shares_sent", participants=len(bundle.shares), ack=ack.decode(errors="replace")[:100])
+        answer = _json_object(ack)
+        roster = answer.get("roster")
+        if isinstance(roster, str):
+            _keep(self._answered, (task.job_id, task.round), roster.encode())
+        log.info("secagg_shares_sent", participants=len(bundle.shares), status=str(answer.get("status"))[:40],
+                 roster=isinstance(roster, str))
         return secure
 
     async def masker(self, task: RoundTask, job: ActiveJob, secure: SecureRound
@@ -75,22 +86,25 @@ class SecureRounds:
         """The round's roster (long-polled until the deadline), checked; the mask bound to it for the privacy
         engine, and this site's weight in the sum (`federation.secagg.job.weights`). No roster in time:
         `RoundLateError`; not in it: `ExcludedError`; neither is released or charged."""
-        roster = await self._roster(task.job_id, task.round, task.deadline)
+        answered = self._answered.pop((task.job_id, task.round), None)
+        roster = (self._verified_roster(answered, task.job_id, task.round) if answered is not None
+                  else await self._roster(task.job_id, task.round, task.deadline))
         if roster is None:
             raise RoundLateError(f"round {task.round}'s roster was not frozen before its deadline: its update was not "
                                  "released and no ε was charged")
         secure.check_roster(roster)
-        self._rosters[(task.job_id, task.round)] = roster
-        while len(self._rosters) > MAX_KEPT_ROSTERS:
-            self._rosters.pop(next(iter(self._rosters)))
+        _keep(self._rosters, (task.job_id, task.round), roster)
         weight = weights(job.spec, roster.num_samples)[self._s.name]
         log.info("secagg_roster", sites=len(roster.mask_keys), weight=round(weight, 4))
         return (lambda values: secure.mask(values, roster)), weight
 
     async def _roster(self, job_id: str, rnd: int, deadline: float | None) -> MaskRoster | None:
         body = await _poll(functools.partial(self._s.gate.fetch_roster, job_id, rnd), deadline)
+        return None if body is None else self._verified_roster(body, job_id, rnd)
+
+    def _verified_roster(self, body: bytes, job_id: str, rnd: int) -> MaskRoster:
         try:
-            return None if body is None else self._verifier.roster(body, job_id, rnd)
+            return self._verifier.roster(body, job_id, rnd)
         except MessageRefusedError as exc:  # not signed by the aggregator, or another round's: never masked against
             raise SecAggRefusedError(exc.reason) from None
 
@@ -109,8 +123,9 @@ class SecureRounds:
         for (job, _), t in list(self._unmasking.items()):
             if job == job_id:
                 t.cancel()
-        for key in [k for k in self._rosters if k[0] == job_id]:
-            del self._rosters[key]
+        for kept in (self._rosters, self._answered):
+            for key in [k for k in kept if k[0] == job_id]:
+                del kept[key]
 
     async def stop(self) -> None:
         tasks = list(self._unmasking.values())
@@ -177,6 +192,21 @@ class SecureRounds:
                 log.info("secagg_not_a_survivor", detail=exc.detail[:200])
                 return None
             raise
+
+
+def _keep(kept: dict[tuple[str, int], V], key: tuple[str, int], value: V) -> None:
+    kept[key] = value
+    while len(kept) > MAX_KEPT_ROSTERS:
+        kept.pop(next(iter(kept)))
+
+
+def _json_object(body: bytes) -> dict[str, object]:
+    """An answer's JSON object, or {} for anything else (the aggregator's answer is data, never trusted further)."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 async def _poll(fetch: Callable[[float], Awaitable[T | None]], deadline: float | None) -> T | None:

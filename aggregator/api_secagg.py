@@ -1,6 +1,7 @@
-"""The sites' secure-aggregation endpoints (`federation.secagg.messages`): post shares, wait for the round's
-roster, wait for the unmask request with the shares addressed to the caller, post a reveal. As for every site
-endpoint, the caller is the site its certificate names and every refusal goes through `aggregator.api.reject`."""
+"""The sites' secure-aggregation endpoints (`federation.secagg.messages`): post shares (and, if asked, wait for the
+round's roster in the same exchange), wait for the roster, wait for the unmask request with the shares addressed to
+the caller, post a reveal. As for every site endpoint, the caller is the site its certificate names and every
+refusal goes through `aggregator.api.reject`."""
 
 from __future__ import annotations
 
@@ -28,7 +29,22 @@ def _pending() -> web.Response:
 @routes.post("/api/v1/jobs/{job_id}/rounds/{round}/secagg/shares")
 @site_call
 async def post_shares(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
-    return await json_post(request, site, job_id, rnd, ShareBundle, "shares", request.app[ENGINE].receive_shares)
+    """With `?wait=s` the answer, once the shares are stored, waits up to s seconds for the round's roster and
+    carries it (`roster`: the signed roster as GET …/roster serves it): one exchange where a site needs two."""
+    engine, wait = request.app[ENGINE], _wait(request)
+
+    async def receive(caller: str, bundle: ShareBundle) -> dict[str, object]:
+        ack = await engine.receive_shares(caller, bundle)
+        if wait > 0:
+            try:
+                signed = await engine.secure_roster(caller, job_id, rnd, wait)
+            except Rejection:  # the round moved on while this waited: the shares are stored, the ack stands
+                signed = None
+            if signed is not None:
+                ack["roster"] = signed.decode()
+        return ack
+
+    return await json_post(request, site, job_id, rnd, ShareBundle, "shares", receive)
 
 
 @routes.get("/api/v1/jobs/{job_id}/rounds/{round}/secagg/roster")

@@ -312,8 +312,12 @@ def _secagg_paths() -> dict[str, Any]:
     return {
         f"{base}/shares": {"post": _op(
             "Post this round's mask key and sealed shares (one per participant)",
-            {"200": _json(_ref(UploadAck), "stored durably"), **_errors(400, 401, 403, 404, 409)},
-            security=SITE, tag="sites", parameters=[JOB_ID, ROUND],
+            {"200": _json({"allOf": [_ref(UploadAck)], "properties": {"roster": {
+                "type": "string", "description": "with `wait`: the signed roster (as GET …/roster serves it), once "
+                "frozen within the wait"}}}, "stored durably"), **_errors(400, 401, 403, 404, 409)},
+            security=SITE, tag="sites", parameters=[JOB_ID, ROUND, {
+                **wait, "description": f"seconds to wait, after storing the shares, for the round's roster (at "
+                f"most {MAX_WAIT_S:g}); the answer carries it when it is frozen by then"}],
             body={"required": True, "content": {"application/json": {"schema": _ref(ShareBundle)}}})},
         f"{base}/roster": {"get": _op(
             "The round's roster (signed): the sites every upload is masked against",

@@ -3,6 +3,7 @@ the messages (rosters, unmask requests, inboxes) made by the test and signed wit
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from pathlib import Path
@@ -95,6 +96,8 @@ class ScriptedAggregator:
         self.roster: bytes | None = None
         self.work: UnmaskWork | None = None
         self.frozen_without_us = False
+        self.answer_roster = False  # the shares' answer carries the roster (when the site waits for it)
+        self.roster_fetches = 0
 
     async def fetch_model(self, sha: str) -> bytes:
         return self.model
@@ -106,13 +109,20 @@ class ScriptedAggregator:
     def publish_event(self, event: SiteEvent) -> None:
         self.events.append(event)
 
-    async def send_shares(self, bundle: ShareBundle) -> bytes:
+    async def send_shares(self, bundle: ShareBundle, wait: float = 0.0) -> bytes:
         if self.frozen_without_us:
             raise UploadRejectedError(409, "roster_frozen", "the roster was frozen without this site")
         self.shares.append(bundle)
-        return b'{"status": "accepted"}'
+        return self.shares_answer(wait)
+
+    def shares_answer(self, wait: float) -> bytes:
+        answer: dict[str, object] = {"status": "accepted"}
+        if self.answer_roster and wait > 0 and self.roster is not None:
+            answer["roster"] = self.roster.decode()
+        return json.dumps(answer).encode()
 
     async def fetch_roster(self, job_id: str, rnd: int, wait: float) -> bytes | None:
+        self.roster_fetches += 1
         return self.roster
 
     async def fetch_unmask(self, job_id: str, rnd: int, wait: float) -> UnmaskWork | None:

@@ -78,8 +78,10 @@ class SecureParticipant(SecureSite):
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
 
-    def post_bundle(self, b: ShareBundle) -> tuple[int, Any]:
-        status, body = self.call("POST", shares_path(b.job_id, b.round), b.model_dump_json().encode())
+    def post_bundle(self, b: ShareBundle, wait: float = 0) -> tuple[int, Any]:
+        """With `wait`, the answer waits that long for the roster and carries it once frozen."""
+        query = f"?wait={wait}" if wait else ""
+        status, body = self.call("POST", shares_path(b.job_id, b.round) + query, b.model_dump_json().encode())
         return status, json.loads(body)
 
     def roster(self, job_id: str, rnd: int, wait: float = 20) -> MaskRoster:

@@ -8,6 +8,7 @@ threshold of sites without unmasking anything."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import yaml
 from federation.jobs import JobSpec
 from federation.secagg import masking, quantize
 from federation.secagg.job import job_quantization, model_dim
+from federation.secagg.messages import MaskRoster
 from federation.tensors import decode
 from fedsilo.local import LocalFederation
 from tests.secure_participants import SecureParticipant
@@ -100,15 +102,19 @@ def test_the_aggregator_unmasks_exactly_the_sum_and_refuses_what_does_not_fit(fe
             ahead = bundles["ann"].model_copy(update={"round": 2})
             assert sites["ann"].call("POST", f"/api/v1/jobs/{job_id}/rounds/1/secagg/shares",
                                      ahead.model_dump_json().encode())[0] == 403  # its round is not the URL's
-        for n, p in sites.items():
-            status, ack = await asyncio.to_thread(p.post_bundle, bundles[n])
-            assert status == 200, ack
+        acks = {}
+        for n, p in sites.items():  # the last to share waits for the roster its shares complete
+            status, acks[n] = await asyncio.to_thread(p.post_bundle, bundles[n], 5 if n == NAMES[-1] else 0)
+            assert status == 200, acks[n]
+        assert [n for n, ack in acks.items() if "roster" in ack] == [NAMES[-1]]
         # The same site cannot change its shares once they are in.
         accepted = sites["bob"].mask_private[rnd], sites["bob"].seed[rnd]
         other = sites["bob"].bundle(tasks["bob"], spec.secagg_threshold, RECORDS["bob"])
         assert sites["bob"].post_bundle(other)[1]["error"] == "duplicate_conflict"
         sites["bob"].mask_private[rnd], sites["bob"].seed[rnd] = accepted  # mask with what was accepted
         rosters = {n: await asyncio.to_thread(p.roster, job_id, rnd) for n, p in sites.items()}
+        answered = MaskRoster.model_validate(json.loads(acks[NAMES[-1]]["roster"])["message"])
+        assert answered == rosters[NAMES[-1]]  # the roster the GET serves, signed alike
         assert all(set(r.mask_keys) == set(NAMES) and r.num_samples == RECORDS for r in rosters.values())
         survivors = [n for n in NAMES if n != dropping]
         plain = {n: plaintext(q, rng) for n in survivors}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agent.audit import AuditLog
 from agent.config import AgentConfig
@@ -89,19 +90,21 @@ class Peers(ScriptedAggregator):
     """The other three sites' bundles are in; the roster is frozen when this site's shares arrive (with it, or
     without it when `leave_out`), and the unmask work for a split is served at once."""
 
-    def __init__(self, ks: dict[str, ShareKeys], model: bytes, leave_out: bool = False) -> None:
+    def __init__(self, ks: dict[str, ShareKeys], model: bytes, leave_out: bool = False,
+                 signer: Ed25519PrivateKey = KEY) -> None:
         super().__init__(model)
         self.bundles: dict[str, ShareBundle] = {s: r.bundle() for s, r in rounds(ks).items() if s != ME}
         self.leave_out = leave_out
+        self.signer = signer
 
-    async def send_shares(self, bundle: ShareBundle) -> bytes:
-        ack = await super().send_shares(bundle)
+    async def send_shares(self, bundle: ShareBundle, wait: float = 0.0) -> bytes:
+        await super().send_shares(bundle, wait)
         if not self.leave_out:
             self.bundles[ME] = bundle
-        self.roster = sign(roster(self.bundles), KEY)
+        self.roster = sign(roster(self.bundles), self.signer)
         survivors = sorted(s for s in self.bundles if s != "va-long-beach")
         self.work = self.work_for(survivors, ["va-long-beach"])
-        return ack
+        return self.shares_answer(wait)
 
     def work_for(self, survivors: list[str], dropped: list[str]) -> UnmaskWork:
         return UnmaskWork(request=sign(request(survivors, dropped), KEY).decode(), inbox=inbox(self.bundles, ME))
@@ -134,10 +137,13 @@ def test_accepting_a_secure_job_sends_the_same_share_key_every_time(tmp_path: Pa
     assert gate.events[-1].kind == "accepted" and gate.events[-1].share_key is None
 
 
-def test_a_secure_round_shares_masks_uploads_and_reveals(tmp_path: Path, data_files: dict[str, Path]) -> None:
+@pytest.mark.parametrize("answer_roster", [False, True], ids=["roster-polled", "roster-with-the-shares-answer"])
+def test_a_secure_round_shares_masks_uploads_and_reveals(tmp_path: Path, data_files: dict[str, Path],
+                                                         answer_roster: bool) -> None:
     ks = share_keys(tmp_path)
     model = global_model()
     gate = Peers(ks, model)
+    gate.answer_roster = answer_roster
     site = make_site(tmp_path, gate, data_files)
     activate(site)
     task = train_task(ks, model)
@@ -160,6 +166,8 @@ def test_a_secure_round_shares_masks_uploads_and_reveals(tmp_path: Path, data_fi
     assert site.state.job_spend(JOB) == {"site": pytest.approx(site_unit.epsilon)}
     assert len(gate.reveals) == 1 and list(gate.reveals[0].mask_key_shares) == ["va-long-beach"]
     assert site.state.reveal_of(JOB, 1) == ([s for s in SITES if s != "va-long-beach"], ["va-long-beach"])
+    # The roster came with the shares' answer, or was asked for once; the unmask phase reused it.
+    assert gate.roster_fetches == (0 if answer_roster else 1)
     site.state.close()
 
     # Restarted after the upload: the retained task brings the round back; the site reveals again (idempotent) and
@@ -169,6 +177,7 @@ def test_a_secure_round_shares_masks_uploads_and_reveals(tmp_path: Path, data_fi
     asyncio.run(go(agent_rounds(site)))
     assert len(gate.shares) == 1 and len(gate.updates) == 1 and len(gate.reveals) == 2
     assert site.state.releases_for(JOB) == 1
+    assert gate.roster_fetches == (1 if answer_roster else 2)  # a restarted site holds no roster: it asks
 
 
 def test_a_site_left_out_of_the_roster_releases_and_is_charged_nothing(tmp_path: Path,
@@ -192,3 +201,24 @@ def test_a_site_left_out_of_the_roster_releases_and_is_charged_nothing(tmp_path:
     entry = audited(site, "round_not_released")
     assert len(entry) == 1 and entry[0]["why"] == "excluded" and "not in round 1's roster" in entry[0]["reason"]
     assert gate.events[-1].kind == "error"
+
+
+def test_a_roster_in_the_shares_answer_not_signed_by_the_aggregator_is_never_masked_against(
+        tmp_path: Path, data_files: dict[str, Path]) -> None:
+    ks = share_keys(tmp_path)
+    model = global_model()
+    gate = Peers(ks, model, signer=Ed25519PrivateKey.generate())
+    gate.answer_roster = True
+    site = make_site(tmp_path, gate, data_files)
+    activate(site)
+    r = agent_rounds(site)
+
+    async def go() -> None:
+        await r.handle(train_task(ks, model))
+        await r.secure.join()
+
+    asyncio.run(go())
+    assert gate.updates == [] and gate.reveals == [] and gate.roster_fetches == 0
+    assert site.state.release(JOB, 1) is None and site.state.job_spend(JOB) == {}
+    entry = audited(site, "round_not_released")
+    assert len(entry) == 1 and entry[0]["why"] == "secagg_refused" and "signature" in entry[0]["reason"]
