@@ -180,12 +180,9 @@ def test_a_secure_round_shares_masks_uploads_and_reveals(tmp_path: Path, data_fi
     assert gate.roster_fetches == (1 if answer_roster else 2)  # a restarted site holds no roster: it asks
 
 
-def test_a_site_left_out_of_the_roster_releases_and_is_charged_nothing(tmp_path: Path,
-                                                                      data_files: dict[str, Path]) -> None:
-    ks = share_keys(tmp_path)
-    model = global_model()
-    gate = Peers(ks, model, leave_out=True)
-    site = make_site(tmp_path, gate, data_files)
+def one_round(root: Path, gate: Peers, files: dict[str, Path], ks: dict[str, ShareKeys], model: bytes) -> Site:
+    """Round 1 at this site, the unmask phase included; the site, for its state and audit."""
+    site = make_site(root, gate, files)
     activate(site)
     r = agent_rounds(site)
 
@@ -194,6 +191,15 @@ def test_a_site_left_out_of_the_roster_releases_and_is_charged_nothing(tmp_path:
         await r.secure.join()
 
     asyncio.run(go())
+    return site
+
+
+def test_a_site_left_out_of_the_roster_releases_and_is_charged_nothing(tmp_path: Path,
+                                                                      data_files: dict[str, Path]) -> None:
+    ks = share_keys(tmp_path)
+    model = global_model()
+    gate = Peers(ks, model, leave_out=True)
+    site = one_round(tmp_path, gate, data_files, ks, model)
     assert gate.updates == [] and gate.reveals == []
     assert site.state.release(JOB, 1) is None and site.state.job_spend(JOB) == {}
     assert site.metrics.registry.get_sample_value("fedsilo_agent_rounds_not_released_total",
@@ -209,15 +215,7 @@ def test_a_roster_in_the_shares_answer_not_signed_by_the_aggregator_is_never_mas
     model = global_model()
     gate = Peers(ks, model, signer=Ed25519PrivateKey.generate())
     gate.answer_roster = True
-    site = make_site(tmp_path, gate, data_files)
-    activate(site)
-    r = agent_rounds(site)
-
-    async def go() -> None:
-        await r.handle(train_task(ks, model))
-        await r.secure.join()
-
-    asyncio.run(go())
+    site = one_round(tmp_path, gate, data_files, ks, model)
     assert gate.updates == [] and gate.reveals == [] and gate.roster_fetches == 0
     assert site.state.release(JOB, 1) is None and site.state.job_spend(JOB) == {}
     entry = audited(site, "round_not_released")
