@@ -301,6 +301,10 @@ class RoundTransitions(ABC):
         """The open round `rnd` of `kind`, from the runner's own record of it; raises `Rejection` otherwise."""
         if runner.state == "lost":  # its lease went while this request waited: the new writer takes the retry
             raise Rejection("writer_changed", f"job {runner.job_id} is written by another replica now; retry", 503)
+        if runner.state == "running" and runner.round is None:
+            # Being recovered (a takeover or a restart: its round is read back from the store) or about to open
+            # its first round: a moment, not a refusal; the caller retries (a 409 here lost an upload for good).
+            raise Rejection("job_recovering", f"job {runner.job_id} is resuming its round; retry", 503)
         if runner.state != "running" or runner.round is None:
             raise Rejection("job_not_running", f"job {runner.job_id} is {runner.state}", 409)
         current = runner.round
