@@ -18,8 +18,8 @@ from agent.data import SiteData
 from agent.egress import EgressRefusedError, UploadRejectedError, retrying
 from agent.offers import Offers
 from agent.privacy import BudgetExhaustedError, PrivatizedUpdate, RoundLateError, budget_window_start
-from agent.secagg import ExcludedError, SecAggRefusedError, SecureRound
-from agent.secure_rounds import SecureRounds
+from agent.secagg import ExcludedError, SecAggRefusedError
+from agent.secure_rounds import SecureRounds, Shared
 from agent.site import ActiveJob, Site
 from agent.trainer import TrainingStoppedError, train_round
 from agent.trainer import evaluate as evaluate_model
@@ -162,7 +162,7 @@ class Rounds:
                 sharing.exception()  # retrieved: when training failed first, the round's own error is what counts
 
     async def _train_and_release(self, task: RoundTask, job: ActiveJob, started: float,
-                                 sharing: asyncio.Task[SecureRound] | None) -> PrivatizedUpdate:
+                                 sharing: asyncio.Task[Shared] | None) -> PrivatizedUpdate:
         s, spec = self._s, job.spec
         model = await self._global_model(task, spec)
         before = get_weights(model)

@@ -15,7 +15,7 @@ import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import structlog
@@ -34,9 +34,15 @@ log = structlog.get_logger(__name__)
 # round's uploads are in, at the latest at the deadline; this covers an aggregator restart or failover in between.
 UNMASK_AFTER_DEADLINE_S = 300.0
 MIN_POLL_S = 1.0  # a 202 that comes back sooner than this is waited out, so an impatient server is not hammered
-MAX_KEPT_ROSTERS = 64  # rosters per kind kept between steps (a step without one fetches it)
+MAX_KEPT_ROSTERS = 64  # rosters masked against, kept for the unmask phase (which fetches one it does not hold)
 T = TypeVar("T")
-V = TypeVar("V")
+
+
+class Shared(NamedTuple):
+    """A round's secrets once their shares are posted, and the signed roster if the answer brought it."""
+
+    secure: SecureRound
+    roster: bytes | None
 
 
 class SecureRounds:
@@ -45,10 +51,9 @@ class SecureRounds:
         self._verifier = verifier
         self._unmasking: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._rosters: dict[tuple[str, int], MaskRoster] = {}  # checked and masked against, awaiting the unmask
-        self._answered: dict[tuple[str, int], bytes] = {}  # signed rosters that came with the shares' answer
 
     # ---------------------------------------------------------------- before and after training
-    async def share(self, task: RoundTask, job: ActiveJob) -> SecureRound:
+    async def share(self, task: RoundTask, job: ActiveJob) -> Shared:
         """Make the round's mask secrets and post their shares, retrying until the deadline; the answer waits for
         the round's roster and usually carries it, for `masker`. A site that already posted shares for this round
         (before a restart) lost those secrets: it is a dropout (`ExcludedError`)."""
@@ -75,25 +80,25 @@ class SecureRounds:
             raise
         answer = _json_object(ack)
         roster = answer.get("roster")
-        if isinstance(roster, str):
-            _keep(self._answered, (task.job_id, task.round), roster.encode())
         log.info("secagg_shares_sent", participants=len(bundle.shares), status=str(answer.get("status"))[:40],
                  roster=isinstance(roster, str))
-        return secure
+        return Shared(secure, roster.encode() if isinstance(roster, str) else None)
 
-    async def masker(self, task: RoundTask, job: ActiveJob, secure: SecureRound
+    async def masker(self, task: RoundTask, job: ActiveJob, shared: Shared
                      ) -> tuple[Callable[[np.ndarray], np.ndarray], float]:
         """The round's roster (long-polled until the deadline), checked; the mask bound to it for the privacy
         engine, and this site's weight in the sum (`federation.secagg.job.weights`). No roster in time:
         `RoundLateError`; not in it: `ExcludedError`; neither is released or charged."""
-        answered = self._answered.pop((task.job_id, task.round), None)
-        roster = (self._verified_roster(answered, task.job_id, task.round) if answered is not None
+        secure = shared.secure
+        roster = (self._verified_roster(shared.roster, task.job_id, task.round) if shared.roster is not None
                   else await self._roster(task.job_id, task.round, task.deadline))
         if roster is None:
             raise RoundLateError(f"round {task.round}'s roster was not frozen before its deadline: its update was not "
                                  "released and no ε was charged")
         secure.check_roster(roster)
-        _keep(self._rosters, (task.job_id, task.round), roster)
+        self._rosters[(task.job_id, task.round)] = roster
+        while len(self._rosters) > MAX_KEPT_ROSTERS:
+            self._rosters.pop(next(iter(self._rosters)))
         weight = weights(job.spec, roster.num_samples)[self._s.name]
         log.info("secagg_roster", sites=len(roster.mask_keys), weight=round(weight, 4))
         return (lambda values: secure.mask(values, roster)), weight
@@ -123,9 +128,8 @@ class SecureRounds:
         for (job, _), t in list(self._unmasking.items()):
             if job == job_id:
                 t.cancel()
-        for kept in (self._rosters, self._answered):
-            for key in [k for k in kept if k[0] == job_id]:
-                del kept[key]
+        for key in [k for k in self._rosters if k[0] == job_id]:
+            del self._rosters[key]
 
     async def stop(self) -> None:
         tasks = list(self._unmasking.values())
@@ -192,12 +196,6 @@ class SecureRounds:
                 log.info("secagg_not_a_survivor", detail=exc.detail[:200])
                 return None
             raise
-
-
-def _keep(kept: dict[tuple[str, int], V], key: tuple[str, int], value: V) -> None:
-    kept[key] = value
-    while len(kept) > MAX_KEPT_ROSTERS:
-        kept.pop(next(iter(kept)))
 
 
 def _json_object(body: bytes) -> dict[str, object]:

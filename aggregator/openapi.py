@@ -192,7 +192,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {400: "invalid request", 401: "no identity", 403: "wrong role", 404: "not found",
-            409: "not possible in the job's state", 413: "body too large"}
+            409: "not possible in the job's state", 413: "body too large",
+            503: "retry: the job's writer is changing or resuming its round, or storage is unavailable"}
     return {str(c): _json(_ref(ErrorBody), text[c]) for c in codes}
 
 
@@ -281,7 +282,7 @@ def _paths() -> dict[str, Any]:
             security=SITE, parameters=[_path("sha", {"type": "string"})], tag="sites")},
         "/api/v1/jobs/{job_id}/rounds/{round}/update": {"post": _op(
             "Upload a site's privatized update (safetensors body, envelope in a header)",
-            {"200": _json(_ref(UploadAck), "stored durably"), **_errors(400, 401, 403, 404, 409, 413)},
+            {"200": _json(_ref(UploadAck), "stored durably"), **_errors(400, 401, 403, 404, 409, 413, 503)},
             security=SITE, tag="sites",
             parameters=[JOB_ID, ROUND, {"name": ENVELOPE_HEADER, "in": "header", "required": True,
                                         "description": "the UpdateEnvelope as JSON",
@@ -290,7 +291,7 @@ def _paths() -> dict[str, Any]:
                 "schema": {"type": "string", "contentMediaType": "application/octet-stream"}}}})},
         "/api/v1/jobs/{job_id}/rounds/{round}/evaluation": {"post": _op(
             "Upload a site's evaluation of a global model",
-            {"200": _json(_ref(UploadAck), "recorded"), **_errors(400, 401, 403, 404, 409)},
+            {"200": _json(_ref(UploadAck), "recorded"), **_errors(400, 401, 403, 404, 409, 503)},
             security=SITE, tag="sites", parameters=[JOB_ID, ROUND],
             body={"required": True, "content": {"application/json": {"schema": _ref(EvaluationReport)}}})},
         **_secagg_paths(),
@@ -314,22 +315,22 @@ def _secagg_paths() -> dict[str, Any]:
             "Post this round's mask key and sealed shares (one per participant)",
             {"200": _json({"allOf": [_ref(UploadAck)], "properties": {"roster": {
                 "type": "string", "description": "with `wait`: the signed roster (as GET …/roster serves it), once "
-                "frozen within the wait"}}}, "stored durably"), **_errors(400, 401, 403, 404, 409)},
+                "frozen within the wait"}}}, "stored durably"), **_errors(400, 401, 403, 404, 409, 503)},
             security=SITE, tag="sites", parameters=[JOB_ID, ROUND, {
                 **wait, "description": f"seconds to wait, after storing the shares, for the round's roster (at "
                 f"most {MAX_WAIT_S:g}); the answer carries it when it is frozen by then"}],
             body={"required": True, "content": {"application/json": {"schema": _ref(ShareBundle)}}})},
         f"{base}/roster": {"get": _op(
             "The round's roster (signed): the sites every upload is masked against",
-            {"200": _json(signed, "the signed MaskRoster"), "202": pending, **_errors(401, 403, 404, 409)},
+            {"200": _json(signed, "the signed MaskRoster"), "202": pending, **_errors(401, 403, 404, 409, 503)},
             security=SITE, tag="sites", parameters=[JOB_ID, ROUND, wait])},
         f"{base}/unmask": {"get": _op(
             "The round's unmask request (signed) and the sealed shares addressed to the caller",
-            {"200": _json(_ref(UnmaskWork), "the work"), "202": pending, **_errors(401, 403, 404, 409)},
+            {"200": _json(_ref(UnmaskWork), "the work"), "202": pending, **_errors(401, 403, 404, 409, 503)},
             security=SITE, tag="sites", parameters=[JOB_ID, ROUND, wait])},
         f"{base}/reveal": {"post": _op(
             "Post the opened shares the unmask request asked of the caller",
-            {"200": _json(_ref(UploadAck), "stored durably"), **_errors(400, 401, 403, 404, 409)},
+            {"200": _json(_ref(UploadAck), "stored durably"), **_errors(400, 401, 403, 404, 409, 503)},
             security=SITE, tag="sites", parameters=[JOB_ID, ROUND],
             body={"required": True, "content": {"application/json": {"schema": _ref(Reveal)}}})},
     }

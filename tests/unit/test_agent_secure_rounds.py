@@ -159,7 +159,8 @@ def test_a_site_not_in_the_roster_is_excluded(tmp_path: Path, ks: dict[str, Shar
     job = ActiveJob(SPEC, cast(Any, SimpleNamespace(n_train=1)), site_plan())
     sr = secure_rounds(site)
     mine = asyncio.run(sr.share(task(ks), job))
-    assert [b.site for b in gate.shares] == [B] and site.state.shared(JOB, 1) == mine.mask_key
+    assert [b.site for b in gate.shares] == [B] and site.state.shared(JOB, 1) == mine.secure.mask_key
+    assert mine.roster is None  # the scripted answer carries none: the masker asks for it
     others = {s: r.bundle() for s, r in rounds(ks).items() if s != B}
     gate.roster = sign(roster(others), KEY)
     with pytest.raises(ExcludedError, match="not in round 1's roster"):
