@@ -8,6 +8,10 @@ site, the round) can regenerate them. Opacus's own `secure_mode` would need `tor
 torch 2.13; its DP-SGD pieces are used as they are, with the noise drawn here instead.
 
 The site's plan (σ, sampling rate, steps) is `agent.record_plan.RecordPlan`.
+
+With distributed per-patient noise (`privacy.record_noise: distributed`) a site adds no noise while training:
+`clipped_gradient_step` takes one step on the sum of its records' clipped gradients, and the noise is this site's
+share of the secure sum's (`agent.privacy`).
 """
 
 from __future__ import annotations
@@ -90,3 +94,30 @@ def _steps(private: GradSampleModule, opt: DPOptimizer, xt: torch.Tensor, yt: to
             loss.backward()
             losses.append(float(loss.detach()))
         opt.step()
+
+
+def clipped_gradient_step(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: JobSpec) -> float:
+    """One step of −learning_rate / batch_size × the sum of every training record's gradient clipped to
+    `record_clip_norm` (Opacus's per-example gradients), in place; returns the mean loss. No noise: the update
+    leaves this site only masked, with this site's share of the sum's noise added."""
+    c, hp = spec.privacy.record_clip_norm, spec.hyperparameters
+    assert c is not None  # PrivacySpec requires it for the record unit
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y).float()
+    model.train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus's notes on its RNG and on hooks of inputs without gradients
+        private = GradSampleModule(model, loss_reduction="sum")
+        try:
+            private.zero_grad(set_to_none=True)
+            loss = nn.BCEWithLogitsLoss(reduction="sum")(private(xt).squeeze(-1), yt)
+            loss.backward()
+            params = [p for p in private.parameters() if p.requires_grad]
+            per_example = torch.cat([p.grad_sample.reshape(len(yt), -1) for p in params], dim=1)
+            factor = torch.clamp(c / (per_example.norm(dim=1) + 1e-12), max=1.0)
+            with torch.no_grad():
+                for p in params:
+                    g = torch.einsum("i,i...->...", factor, p.grad_sample)
+                    p.add_(g, alpha=-hp.learning_rate / hp.batch_size)
+        finally:
+            private._close()
+    return float(loss.detach()) / max(1, len(yt))

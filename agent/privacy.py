@@ -94,16 +94,20 @@ class PrivacyEngine:
                     f"past the budget {total if total is not None else 'of none'}"
                 )
         if masker is None:
+            if plan.distributed:  # its noise is added only under the mask: never sent in the clear
+                raise ValueError("a job with distributed per-patient noise releases masked updates only")
             released, _ = privatize(delta, plan.clip_norm, plan.update_noise)
             payload = encode(released)
         else:
             payload = encode({"masked": _masked(delta, plan, masker, weight)})
-        sigma = {"site": plan.update_noise,
-                 "record": plan.record.noise_multiplier if plan.record is not None else 0.0}
+        record_sigma = (plan.record.noise_multiplier if plan.record is not None
+                        else (spec.privacy.record_noise_multiplier or 0.0) if plan.distributed else 0.0)
+        sigma = {"site": plan.update_noise, "record": record_sigma}
         alone = plan.epsilon_alone(releases) if masker is not None else None
         alone = alone if alone is not None and math.isfinite(alone) else None
+        shared = "record" if plan.distributed else "site"  # the unit whose noise is shared out in the secure sum
         spend = [UnitSpend(unit=u, epsilon=e if math.isfinite(e) else None, noise_multiplier=sigma[u],  # type: ignore[arg-type]
-                           epsilon_alone=alone if u == "site" else None)
+                           epsilon_alone=alone if u == shared else None)
                  for u, e in eps.items()]
         headline = eps.get(spec.privacy.unit, math.inf)
         envelope = UpdateEnvelope(
@@ -128,8 +132,8 @@ class PrivacyEngine:
 
 def _masked(delta: Weights, plan: SitePrivacy, masker: Callable[[np.ndarray], np.ndarray],
             weight: float = 1.0) -> np.ndarray:
-    """Flatten (keys sorted), clip, quantize, add this site's discrete Gaussian share (site unit only), reduce mod
-    2^32, mask.
+    """Flatten (keys sorted), clip, quantize, add this site's discrete Gaussian share (site unit, or distributed
+    per-patient noise), reduce mod 2^32, mask.
 
     Clipped in float64 to a hair under C (2^-40 relative), so float rounding cannot take the norm past the C that
     the quantization's sensitivity assumes."""
@@ -147,6 +151,6 @@ def _masked(delta: Weights, plan: SitePrivacy, masker: Callable[[np.ndarray], np
     vec = vec * weight
     if vec.size != q.dim:
         raise ValueError(f"the update has {vec.size} values; the job's quantization is for {q.dim}")
-    sigma = q.site_sigma if "site" in plan.units else 0.0  # a record-level job's DP-SGD noise is already in
+    sigma = q.site_sigma if plan.adds_noise_share else 0.0  # a local DP-SGD job's noise is already in
     noisy = quantize.quantize(vec, q) + discrete_gaussian.sample(q.dim, sigma)
     return np.asarray(masker(quantize.encode_mod(noisy)), dtype=np.int64)

@@ -77,12 +77,21 @@ class SitePrivacy:
     clip_norm: float
     delta: float
     quantization: Quantization | None = None  # secure aggregation only
+    distributed: bool = False  # per patient, noise only in the secure sum (`privacy.record_noise: distributed`)
+
+    @property
+    def adds_noise_share(self) -> bool:
+        """Whether this site adds its share of the discrete Gaussian noise to its masked update."""
+        return "site" in self.units or self.distributed
 
     def epsilon(self, rounds: int) -> dict[str, float]:
-        """ε per unit after `rounds` released rounds (site unit of a secure job: for the sum of ≥ t sites)."""
+        """ε per unit after `rounds` released rounds (site unit of a secure job, and the record unit with
+        distributed noise: for the sum of ≥ t sites)."""
         out: dict[str, float] = {}
         if self.record is not None:
             out["record"] = self.record.epsilon(rounds)
+        if self.distributed and self.quantization is not None:
+            out["record"] = accounting.secure_epsilons(self.quantization, rounds, self.delta)[0]
         if "site" in self.units:
             if self.quantization is not None:
                 out["site"] = accounting.secure_epsilons(self.quantization, rounds, self.delta)[0]
@@ -91,9 +100,10 @@ class SitePrivacy:
         return out
 
     def epsilon_alone(self, rounds: int) -> float | None:
-        """Site unit of a secure job: ε of this site's own share of the noise alone after `rounds` rounds (what
-        holds if every other site colluded with the aggregator). None otherwise."""
-        if "site" not in self.units or self.quantization is None:
+        """Site unit of a secure job (or the record unit with distributed noise): ε of this site's own share of the
+        noise alone after `rounds` rounds (what holds if every other site colluded with the aggregator). None
+        otherwise."""
+        if not self.adds_noise_share or self.quantization is None:
             return None
         return accounting.secure_epsilons(self.quantization, rounds, self.delta)[1]
 
@@ -103,6 +113,11 @@ def plan_privacy(spec: JobSpec, policy: PrivacyPolicy, n_train: int | None) -> S
     p = spec.privacy
     units: tuple[Unit, ...] = tuple(u for u in ("record", "site") if u == p.unit or u in policy.required_units)
     record = None
+    if p.record_noise == "distributed":
+        if "site" in units:
+            raise ValueError("this site requires update-level noise (the site unit) in every job; a job whose "
+                             "per-patient noise is in the secure sum (record_noise: distributed) adds none")
+        return SitePrivacy(units, None, 0.0, p.clip_norm, p.delta, secure_quantization(spec), distributed=True)
     if "record" in units and p.unit == "record":
         if n_train is None:
             raise ValueError("a record-level plan needs the site's number of training records")
@@ -186,6 +201,10 @@ def privacy_refusals(
 
 def _record_refusals(spec: JobSpec, policy: PrivacyPolicy, plan: SitePrivacy) -> list[str]:
     rp, p = plan.record, spec.privacy
+    if plan.distributed and p.record_noise_multiplier is not None \
+            and p.record_noise_multiplier < policy.min_record_noise_multiplier:
+        return [f"the job's noise in the secure sum is σ {p.record_noise_multiplier:.3f} per patient record, below "
+                f"this site's floor {policy.min_record_noise_multiplier:g}"]
     if rp is None:
         return []
     r = []

@@ -49,6 +49,10 @@ def train_round(
         from agent.fedml_adapter import train_registered
 
         return train_registered(model, trainers, spec, data.x_train, data.y_train, round_seed(spec, site, rnd), rnd)
+    if plan.distributed:  # one step on the clipped gradient sum; its noise is added under the mask
+        from agent.dpsgd import clipped_gradient_step
+
+        return clipped_gradient_step(model, data.x_train, data.y_train, spec)
     if plan.record is not None:
         from agent.dpsgd import train_dpsgd
 

@@ -21,7 +21,7 @@ from federation.jobs import JobSpec
 from federation.models import Weights
 from federation.secagg import keys, masking, quantize, shamir
 from federation.secagg.errors import SecAggError
-from federation.secagg.job import MASKED, job_quantization, mask_purpose, masked_template, model_dim, weights
+from federation.secagg.job import MASKED, divisor, job_quantization, mask_purpose, masked_template, model_dim
 from federation.secagg.messages import MaskRoster, Reveal, ShareBundle, UnmaskRequest, unb64
 from federation.tensors import check_frame, decode, sha256_hex
 
@@ -145,8 +145,8 @@ class SecureRound:
                 seed = keys.agree(key, unb64(self.roster.mask_keys[s]), purpose)
                 pairs.append((masking.pair_sign(s, dropped), seed))
         total = masking.unmask(self.total, seeds, pairs)
-        w = weights(spec, self.roster.num_samples)
-        mean = quantize.decode_sum(total, self.quantization(spec), 1) / sum(w[s] for s in u.survivors)
+        mean = quantize.decode_sum(total, self.quantization(spec), 1) / divisor(spec, self.roster.num_samples,
+                                                                                list(u.survivors))
         return quantize.unflatten(mean, self.template)
 
     def _secret(self, site: str, kind: str) -> bytes:

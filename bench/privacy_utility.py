@@ -24,6 +24,7 @@ reported numbers).
     python -m bench privacy-utility --unit site --what-if    # in-process: a public initial model, distributed noise
     python -m bench privacy-utility --unit site --lean --targets 8   # the lean site-unit configuration
     python -m bench privacy-utility --secure        # with and without secure aggregation (`bench.privacy_secure`)
+    python -m bench privacy-utility --distributed   # per patient, the noise in the secure sum (`bench.privacy_distributed`)
 """
 
 from __future__ import annotations
@@ -226,6 +227,9 @@ def main(argv: list[str] | None = None) -> None:
                         help=f"target ε values (default: record {RECORD_TARGETS}, site {TARGETS})")
     parser.add_argument("--seeds", type=int, default=None,
                         help=f"seeds per target (default: record {RECORD_SEEDS}, site {SEEDS})")
+    parser.add_argument("--distributed", action="store_true",
+                        help="per patient with the noise in the secure sum, beside each site's own DP-SGD "
+                             "(bench.privacy_distributed; default targets 0.5 1 2)")
     parser.add_argument("--secure", action="store_true",
                         help="site ε 8 and record ε 1 with and without secure aggregation (bench.privacy_secure)")
     args = parser.parse_args(argv)
@@ -234,6 +238,11 @@ def main(argv: list[str] | None = None) -> None:
         from bench.privacy_secure import measure_secure
 
         measure_secure(console, args.seeds or RECORD_SEEDS)
+        return
+    if args.distributed:
+        from bench.privacy_distributed import measure_distributed
+
+        measure_distributed(console, args.targets or [0.5, 1.0, 2.0], args.seeds or RECORD_SEEDS)
         return
     if args.demo_gap:
         from bench.privacy_record import demo_gap

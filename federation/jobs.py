@@ -81,7 +81,15 @@ class PrivacySpec(Frozen):
     without update-level noise. `target_epsilon` is then per patient and each site calibrates its own DP-SGD σ for
     its own record count (`agent.record_plan.record_plan`); or the job fixes `record_noise_multiplier` for all.
     `noise_multiplier` is the update-level σ that a site whose policy also requires the site unit adds on top
-    (0: such sites refuse)."""
+    (0: such sites refuse).
+
+    `record_noise: distributed` (per patient, with secure aggregation) moves DP-SGD's noise from each site to the
+    secure sum: every round each site computes its records' clipped gradients (full batch, no noise), scales their
+    sum by `learning_rate / batch_size`, clips it to `clip_norm`, and adds only its share of discrete Gaussian noise
+    whose total over the job's threshold of sites is `record_noise_multiplier` times one record's contribution. The
+    aggregator sees only the noised sum: one gradient step of DP gradient descent over every site's records, with
+    the noise of one central mechanism instead of one per site. `target_epsilon` is resolved to that σ once for the
+    job's rounds; ε is the same for every site."""
 
     clip_norm: float = Field(gt=0, le=1e6)
     noise_multiplier: float = Field(default=0.0, ge=0, le=MAX_NOISE_MULTIPLIER)
@@ -95,6 +103,9 @@ class PrivacySpec(Frozen):
     # With a per-patient target: the most DP-SGD noise a site may need to meet it. A site with too few records
     # (a high sampling rate, so little amplification) would need more and only add noise to the model: it refuses.
     max_record_noise_multiplier: float | None = Field(default=None, gt=0, le=MAX_NOISE_MULTIPLIER)
+    # Where a per-patient job's noise is added: `local` (each site's DP-SGD carries all of it) or `distributed`
+    # (each site adds its share to the secure sum; needs secure_aggregation).
+    record_noise: Literal["local", "distributed"] = "local"
 
     @model_validator(mode="after")
     def _noise_explicit(self) -> PrivacySpec:
@@ -102,12 +113,21 @@ class PrivacySpec(Frozen):
             if self.noise_multiplier == 0 and not self.allow_no_noise:
                 raise ValueError("noise_multiplier 0 disables privacy; set allow_no_noise: true to mean it")
             if any(v is not None for v in (self.record_clip_norm, self.record_noise_multiplier,
-                                           self.max_record_noise_multiplier)):
-                raise ValueError("record_clip_norm, record_noise_multiplier and max_record_noise_multiplier apply "
-                                 "only with unit: record")
+                                           self.max_record_noise_multiplier)) or self.record_noise != "local":
+                raise ValueError("record_clip_norm, record_noise_multiplier, max_record_noise_multiplier and "
+                                 "record_noise apply only with unit: record")
             return self
         if self.record_clip_norm is None:
             raise ValueError("unit: record needs record_clip_norm (DP-SGD's per-example clip)")
+        if self.record_noise == "distributed":
+            if self.record_noise_multiplier is None:
+                raise ValueError("record_noise: distributed needs target_epsilon or record_noise_multiplier")
+            if self.max_record_noise_multiplier is not None:
+                raise ValueError("max_record_noise_multiplier bounds a site's own DP-SGD σ; with record_noise: "
+                                 "distributed the σ is the job's, the same for every site")
+            if self.allow_no_noise:
+                raise ValueError("allow_no_noise applies to unit: site")
+            return self
         if (self.record_noise_multiplier is None) == (self.target_epsilon is None):
             raise ValueError("unit: record needs exactly one of target_epsilon (per patient; each site calibrates "
                              "its own DP-SGD noise) and record_noise_multiplier")
@@ -210,6 +230,8 @@ class JobSpec(Frozen):
         sa = self.secure_aggregation
         if sa is None or sa.weighting is not None:
             return sa.weighting if sa is not None and sa.weighting is not None else "uniform"
+        if self.privacy.record_noise == "distributed":
+            return "records"  # each site sends a gradient sum; the aggregator divides by all their records
         return "samples" if self.privacy.unit == "record" else "uniform"
 
     @model_validator(mode="before")
@@ -218,8 +240,11 @@ class JobSpec(Frozen):
         """Resolve a site-unit `privacy.target_epsilon` to a noise multiplier for this job's rounds, once,
         deterministically. (A record-unit target is per patient: each site calibrates its own DP-SGD σ.)"""
         privacy = data.get("privacy") if isinstance(data, dict) else None
-        if not isinstance(privacy, dict) or privacy.get("target_epsilon") is None \
-                or privacy.get("noise_multiplier") is not None or privacy.get("unit", "site") != "site":
+        if not isinstance(privacy, dict) or privacy.get("target_epsilon") is None:
+            return data
+        distributed = privacy.get("unit") == "record" and privacy.get("record_noise") == "distributed"
+        field = "record_noise_multiplier" if distributed else "noise_multiplier"
+        if privacy.get(field) is not None or (privacy.get("unit", "site") != "site" and not distributed):
             return data
         try:
             target, rounds = float(privacy["target_epsilon"]), int(data["rounds"])
@@ -228,7 +253,7 @@ class JobSpec(Frozen):
             return data  # field validation reports what is wrong
         if target <= 0 or rounds < 1 or not 0 < delta < 1:
             return data
-        return {**data, "privacy": {**privacy, "noise_multiplier": calibrate_noise(target, rounds, delta)}}
+        return {**data, "privacy": {**privacy, field: calibrate_noise(target, rounds, delta)}}
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
@@ -247,12 +272,31 @@ class JobSpec(Frozen):
         if self.secure_aggregation is not None:
             self._check_secagg()
         p = self.privacy
-        if p.target_epsilon is not None and p.unit == "site":
-            eps = epsilon_for(p.noise_multiplier, self.rounds, p.delta)
+        if p.record_noise == "distributed":
+            self._check_distributed()
+        if p.target_epsilon is not None and (p.unit == "site" or p.record_noise == "distributed"):
+            field, sigma = (("noise_multiplier", p.noise_multiplier) if p.unit == "site"
+                            else ("record_noise_multiplier", p.record_noise_multiplier or 0.0))
+            eps = epsilon_for(sigma, self.rounds, p.delta)
             if eps > p.target_epsilon:
-                raise ValueError(f"noise_multiplier {p.noise_multiplier:g} gives ε {eps:.3g} over {self.rounds} "
+                raise ValueError(f"{field} {sigma:g} gives ε {eps:.3g} over {self.rounds} "
                                  f"rounds, above target_epsilon {p.target_epsilon:g}; omit it to calibrate")
         return self
+
+    def _check_distributed(self) -> None:
+        if self.secure_aggregation is None:
+            raise ValueError("record_noise: distributed adds each site's share of the noise to the secure sum: it "
+                             "needs secure_aggregation")
+        if self.aggregation != "fedavg" or self.trainer is not None:
+            raise ValueError("record_noise: distributed takes one gradient step of the built-in logistic or MLP "
+                             "model per round: it needs aggregation fedavg and no registered trainer")
+        hp = self.hyperparameters
+        if hp.optimizer != "sgd" or hp.momentum or hp.weight_decay:
+            raise ValueError("record_noise: distributed takes plain gradient steps: optimizer sgd, no momentum, "
+                             "no weight decay")
+        if self.secure_aggregation.weighting is not None:
+            raise ValueError("record_noise: distributed sums the sites' gradients over all their records; "
+                             "secure_aggregation.weighting does not apply")
 
     def _check_secagg(self) -> None:
         if self.aggregation in ("median", "trimmed_mean", "fedavg_normbound"):

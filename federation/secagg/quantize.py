@@ -34,7 +34,9 @@ class Quantization:
 
     scale: integer units per unit of update. dim: coordinates. sites: the roster size n (all of them may
     contribute). threshold: t, the fewest survivors whose summed noise must meet the privacy target.
-    noise_multiplier: z of the sum, relative to `sensitivity`. clip_norm: the L2 bound of an update."""
+    noise_multiplier: z of the sum, relative to `sensitivity`. clip_norm: the L2 bound of an update. unit_norm:
+    the most one protected unit can change a site's update (None: the whole update, clip_norm; per patient with
+    distributed noise: one record's scaled gradient)."""
 
     scale: float
     dim: int
@@ -42,6 +44,7 @@ class Quantization:
     threshold: int
     noise_multiplier: float
     clip_norm: float
+    unit_norm: float | None = None
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.scale) and self.scale > 0):
@@ -54,11 +57,16 @@ class Quantization:
             raise SecAggError(f"need 1 ≤ threshold ≤ sites, got threshold {self.threshold}, sites {self.sites}")
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier >= 0):
             raise SecAggError(f"noise_multiplier must be ≥ 0, got {self.noise_multiplier}")
+        if self.unit_norm is not None and not (math.isfinite(self.unit_norm) and 0 < self.unit_norm <= self.clip_norm):
+            raise SecAggError(f"unit_norm must be in (0, clip_norm], got {self.unit_norm}")
 
     @property
     def sensitivity(self) -> float:
-        """L2 bound on one site's quantized vector: scale·c, plus < 1 per coordinate of rounding."""
-        return self.scale * self.clip_norm + math.sqrt(self.dim)
+        """L2 bound on how much one protected unit moves a site's quantized vector: scale·u (u the unit's norm,
+        clip_norm for a whole site), plus < 1 per coordinate of rounding. (Clipping the update to clip_norm is a
+        projection, so it cannot make one unit's change larger than u.)"""
+        u = self.clip_norm if self.unit_norm is None else self.unit_norm
+        return self.scale * u + math.sqrt(self.dim)
 
     @property
     def site_sigma(self) -> float:
@@ -73,15 +81,18 @@ class Quantization:
         return values + NOISE_TAIL * self.site_sigma * math.sqrt(self.sites)
 
 
-def plan(clip_norm: float, dim: int, sites: int, threshold: int, noise_multiplier: float) -> Quantization:
+def plan(clip_norm: float, dim: int, sites: int, threshold: int, noise_multiplier: float,
+         unit_norm: float | None = None) -> Quantization:
     """The finest quantization whose noised sum cannot wrap: the largest scale with overflow_bound < 2^31, at most
     MAX_UNITS_PER_CLIP / clip_norm.
 
-    The bound is linear in the scale, A·scale + B with A = c·(n + 12z·√(n/t)) and B = n + 12z·√(d·n/t), so the
-    largest scale is (2^31 − B) / A, nudged down until the strict inequality holds in floating point."""
-    probe = Quantization(1.0, dim, sites, threshold, noise_multiplier, clip_norm)  # validates the arguments
+    The bound is linear in the scale, A·scale + B with A = c·n + 12z·u·√(n/t) (u the unit's norm, c without one)
+    and B = n + 12z·√(d·n/t), so the largest scale is (2^31 − B) / A, nudged down until the strict inequality
+    holds in floating point."""
+    probe = Quantization(1.0, dim, sites, threshold, noise_multiplier, clip_norm, unit_norm)  # validates them
     z, n, t = noise_multiplier, sites, threshold
-    slope = clip_norm * (n + NOISE_TAIL * z * math.sqrt(n / t))
+    u = clip_norm if unit_norm is None else unit_norm
+    slope = clip_norm * n + NOISE_TAIL * z * u * math.sqrt(n / t)
     intercept = n + NOISE_TAIL * z * math.sqrt(dim * n / t)
     room = _HALF_RANGE - intercept
     if room <= 0:
@@ -89,10 +100,10 @@ def plan(clip_norm: float, dim: int, sites: int, threshold: int, noise_multiplie
             f"no quantization fits 2^{MODULUS_BITS}: {n} sites and the noise for z={z:g}, t={t}, d={dim} "
             f"need {intercept:.4g} before any signal, the limit is {_HALF_RANGE}")
     scale = min(room / slope, MAX_UNITS_PER_CLIP / clip_norm)
-    q = Quantization(scale, probe.dim, n, t, z, clip_norm)
+    q = Quantization(scale, probe.dim, n, t, z, clip_norm, unit_norm)
     while q.overflow_bound >= _HALF_RANGE:
         scale = math.nextafter(scale, 0.0)
-        q = Quantization(scale, probe.dim, n, t, z, clip_norm)
+        q = Quantization(scale, probe.dim, n, t, z, clip_norm, unit_norm)
     return q
 
 
