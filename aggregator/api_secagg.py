@@ -5,14 +5,22 @@ refusal goes through `aggregator.api.reject`."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import structlog
 from aiohttp import web
 
-from aggregator.api import ENGINE, json_response, reject
+from aggregator.api import ENGINE, error, json_response, reject
 from aggregator.api_sites import json_post, site_call
 from aggregator.validation import Rejection
 from federation.secagg.messages import MAX_WAIT_S, Reveal, ShareBundle
 
 routes = web.RouteTableDef()
+log = structlog.get_logger(__name__)
+
+
+class _RevealNotNeeded(Exception):
+    """A reveal for a round that closed already: the first `threshold` reveals unmasked it (or it failed)."""
 
 
 def _wait(request: web.Request) -> float:
@@ -70,4 +78,23 @@ async def get_unmask(request: web.Request, site: str, job_id: str, rnd: int) -> 
 @routes.post("/api/v1/jobs/{job_id}/rounds/{round}/secagg/reveal")
 @site_call
 async def post_reveal(request: web.Request, site: str, job_id: str, rnd: int) -> web.Response:
-    return await json_post(request, site, job_id, rnd, Reveal, "reveal", request.app[ENGINE].receive_reveal)
+    """A reveal after its round closed is answered 409 `late_update` (the site stops there) but is not recorded
+    as a rejection: when more than `threshold` sites survive, the last reveals arrive after the first ones unmasked
+    the round, in every such round, and nothing in them is wrong. It reveals nothing either: a late reveal is not
+    read."""
+    engine = request.app[ENGINE]
+
+    async def receive(caller: str, reveal: Reveal) -> dict[str, Any]:
+        try:
+            ack: dict[str, Any] = await engine.receive_reveal(caller, reveal)
+        except Rejection as r:
+            if r.reason == "late_update":
+                raise _RevealNotNeeded(r.detail) from None
+            raise
+        return ack
+
+    try:
+        return await json_post(request, site, job_id, rnd, Reveal, "reveal", receive)
+    except _RevealNotNeeded as exc:
+        log.info("secagg_reveal_not_needed", detail=str(exc))
+        return error(409, "late_update", str(exc))

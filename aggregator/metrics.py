@@ -43,8 +43,8 @@ class AggregatorMetrics:
         )
         self.site_epsilon = Gauge(
             "fedsilo_site_epsilon", "Privacy loss ε a site reports having spent on a job, in `unit`: record (per "
-            "patient record, DP-SGD), site (per hospital dataset, update-level noise) or site_alone (secure "
-            "aggregation: the site's own share of the noise alone).", ["job", "site", "unit"],
+            "patient record, DP-SGD), site (per hospital dataset, update-level noise), or site_alone / record_alone "
+            "(secure aggregation: the site's own share of the noise alone).", ["job", "site", "unit"],
             registry=r,
         )
         self.bytes_received = Counter(

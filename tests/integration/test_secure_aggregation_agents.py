@@ -4,10 +4,12 @@ The job finishes and what the aggregator stored of each site's update is indisti
 every site charged each round once and revealed once. One and then two sites that die once their update is masked
 are dropped and their masks removed, and they take part again once restarted; the aggregator killed at each new
 step of the protocol resumes the round from the store; each site reports the ε of the sum and of its own noise
-alone."""
+alone. A per-patient job with its noise in the secure sum takes the mean clipped-gradient step over every site's
+records."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import time
@@ -21,7 +23,9 @@ import yaml
 from scipy import stats  # type: ignore[import-untyped]
 
 from agent.config import AgentConfig
+from agent.data import load_site_data
 from federation.faults import EXIT_CODE
+from federation.jobs import JobSpec
 from federation.messages import UpdateEnvelope
 from federation.secagg import masking
 from federation.secagg.job import MASKED
@@ -178,3 +182,43 @@ def test_the_aggregator_killed_at_each_step_of_the_protocol_resumes_the_round(fe
     assert all(n == len(SITES) for n in reporting(summary).values()), reporting(summary)
     wait_for(lambda: db_rows(fed, "SELECT COUNT(*) FROM rounds WHERE job_id=? AND kind='train' AND state='closed'",
                              job_id) == [(6,)], 10, "six closed rounds")
+
+
+def test_a_distributed_per_patient_job_steps_on_the_mean_clipped_gradient_of_every_sites_records(
+    fed: LocalFederation, tmp_path: Path,
+) -> None:
+    job: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text())
+    lr, clip, b = 4.0, 0.5, 512
+    job.update(sites=list(SITES), min_sites=3, rounds=1, round_deadline_s=60, secure_aggregation=True,
+               hyperparameters={"epochs": 1, "learning_rate": lr, "batch_size": b},
+               privacy={"unit": "record", "record_noise": "distributed", "target_epsilon": 1.0,
+                        "record_clip_norm": clip, "clip_norm": 1.0, "delta": 1e-5})
+    job_id = fed.client.submit(yaml.safe_dump(job))
+    summary = fed.wait_job(job_id, timeout=120)
+    assert summary["state"] == "finished", summary["reason"]
+    assert reporting(summary)[1] == len(SITES), json.dumps(summary)
+    assert summary["rejections"] == []  # the reveals past the threshold's are answered, not recorded as refusals
+    model = decode(fed.client.request("GET", f"/api/v1/jobs/{job_id}/model"))
+    # The step by hand from the sites' own files: at the all-zero start every record's gradient is
+    # (1/2 − y)·[x, 1], clipped to 0.5; the step is −lr × their sum over all five sites' records.
+    spec = JobSpec.model_validate(job)
+    files = split_by_center(tmp_path)
+    data = [load_site_data(files["hungary" if s == "hungary-2" else s], spec.features, spec.dataset) for s in SITES]
+    grads = [(0.5 - d.y_train)[:, None] * np.hstack([d.x_train, np.ones((d.n_train, 1))]) for d in data]
+    total = sum((g * np.minimum(1.0, clip / np.linalg.norm(g, axis=1))[:, None]).sum(axis=0) for g in grads)
+    expected = -lr * total / sum(d.n_train for d in data)
+    got = np.concatenate([model["0.weight"].ravel(), model["0.bias"].ravel()])
+    # The sum's noise: σ·lr·clip/b per coordinate for three shares, over the records/b the aggregator divides by.
+    sigma = spec.privacy.record_noise_multiplier
+    assert sigma is not None
+    noise_sd = sigma * lr * clip * np.sqrt(len(SITES) / 3) / sum(d.n_train for d in data)
+    assert float(np.linalg.norm(expected)) > 20 * noise_sd  # the step stands far above the noise
+    assert float(np.abs(got - expected).max()) < 6 * noise_sd, (got, expected, noise_sd)
+    for site in SITES:
+        [(env,)] = agent_db(fed, site, "SELECT envelope FROM releases WHERE job_id=?", job_id)
+        [spend] = UpdateEnvelope.model_validate_json(env).privacy
+        assert spend.unit == "record" and spend.noise_multiplier == sigma
+        assert spend.epsilon is not None and 0.99 < spend.epsilon <= 1.0 and spend.epsilon_alone is not None
+        assert spend.epsilon_alone > spend.epsilon
+        assert summary["sites"][site]["epsilon_by_unit"] == {"record": spend.epsilon,
+                                                             "record_alone": spend.epsilon_alone}

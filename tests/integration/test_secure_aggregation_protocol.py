@@ -151,6 +151,9 @@ def test_the_aggregator_unmasks_exactly_the_sum_and_refuses_what_does_not_fit(fe
         # The round closes at the threshold's reveal: a reveal after it is told the round is over.
         assert [a[0] for a in answers[:spec.secagg_threshold]] == [200] * spec.secagg_threshold, answers
         assert all(a[1].get("error") == "late_update" for a in answers[spec.secagg_threshold:]), answers
+        # ...which is the protocol's normal course when more than the threshold survive: not a rejection on record.
+        assert stored(fed, "SELECT reason, detail FROM rejections WHERE job_id=? AND round=? AND detail LIKE "
+                           "'%is closed%'", job_id, rnd) == []
         wait_for(lambda: bool(stored(fed, "SELECT 1 FROM rounds WHERE job_id=? AND round=? AND state='closed'",
                                      job_id, rnd)), 30, f"round {rnd} closed")
         (out,) = stored(fed, "SELECT model_out FROM rounds WHERE job_id=? AND round=?", job_id, rnd)[0]
