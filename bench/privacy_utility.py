@@ -24,7 +24,7 @@ reported numbers).
     python -m bench privacy-utility --unit site --what-if    # in-process: a public initial model, distributed noise
     python -m bench privacy-utility --unit site --lean --targets 8   # the lean site-unit configuration
     python -m bench privacy-utility --secure        # with and without secure aggregation (`bench.privacy_secure`)
-    python -m bench privacy-utility --distributed   # per patient, the noise in the secure sum (`bench.privacy_distributed`)
+    python -m bench privacy-utility --distributed   # per patient, noise in the secure sum (bench.privacy_distributed)
 """
 
 from __future__ import annotations
