@@ -240,9 +240,13 @@ def main(argv: list[str] | None = None) -> None:
         measure_secure(console, args.seeds or RECORD_SEEDS)
         return
     if args.distributed:
-        from bench.privacy_distributed import measure_distributed
+        from bench.privacy_distributed import measure_distributed, search_distributed
 
-        measure_distributed(console, args.targets or [0.5, 1.0, 2.0], args.seeds or RECORD_SEEDS)
+        if args.search:
+            for eps in args.targets or [1.0]:
+                search_distributed(console, eps, args.seeds or RECORD_SEEDS)
+        else:
+            measure_distributed(console, args.targets or [0.5, 1.0, 2.0], args.seeds or RECORD_SEEDS)
         return
     if args.demo_gap:
         from bench.privacy_record import demo_gap
