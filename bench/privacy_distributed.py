@@ -13,8 +13,8 @@ from __future__ import annotations
 import itertools
 import statistics
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,7 +28,7 @@ from agent.privacy_policy import PrivacyPolicy, plan_privacy, secure_quantizatio
 from aggregator.runner import initial_weights
 from bench.federated import example_job, run_jobs, score
 from bench.privacy_record import CHOSEN, record_job
-from bench.privacy_utility import DELTA
+from bench.privacy_utility import DELTA, held_out_sites
 from federation.jobs import JobSpec
 from federation.models import build_model, get_weights, set_weights
 from federation.secagg import quantize
