@@ -96,28 +96,42 @@ def _steps(private: GradSampleModule, opt: DPOptimizer, xt: torch.Tensor, yt: to
         opt.step()
 
 
-def clipped_gradient_step(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: JobSpec) -> float:
+CHUNK = 256  # records per pass of per-example gradients: memory O(CHUNK × parameters), whatever the site's size
+
+
+def clipped_gradient_step(model: nn.Module, x: np.ndarray, y: np.ndarray, spec: JobSpec,
+                          should_stop: Callable[[], bool] | None = None) -> float:
     """One step of −learning_rate / batch_size × the sum of every training record's gradient clipped to
-    `record_clip_norm` (Opacus's per-example gradients), in place; returns the mean loss. No noise: the update
-    leaves this site only masked, with this site's share of the sum's noise added."""
+    `record_clip_norm` (Opacus's per-example gradients, `CHUNK` records at a time), in place; returns the mean
+    loss. No noise: the update leaves this site only masked, with this site's share of the sum's noise added.
+    `should_stop` is asked before each chunk (`TrainingStoppedError`: the model is left as it was)."""
     c, hp = spec.privacy.record_clip_norm, spec.hyperparameters
     assert c is not None  # PrivacySpec requires it for the record unit
     xt, yt = torch.from_numpy(x), torch.from_numpy(y).float()
     model.train()
+    loss_fn = nn.BCEWithLogitsLoss(reduction="sum")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus's notes on its RNG and on hooks of inputs without gradients
         private = GradSampleModule(model, loss_reduction="sum")
         try:
-            private.zero_grad(set_to_none=True)
-            loss = nn.BCEWithLogitsLoss(reduction="sum")(private(xt).squeeze(-1), yt)
-            loss.backward()
             params = [p for p in private.parameters() if p.requires_grad]
-            per_example = torch.cat([p.grad_sample.reshape(len(yt), -1) for p in params], dim=1)
-            factor = torch.clamp(c / (per_example.norm(dim=1) + 1e-12), max=1.0)
+            total = [torch.zeros_like(p) for p in params]
+            loss_sum = 0.0
+            for start in range(0, len(yt), CHUNK):
+                if should_stop is not None and should_stop():
+                    raise TrainingStoppedError(f"stopped after {start} of {len(yt)} records' gradients")
+                private.zero_grad(set_to_none=True)
+                loss = loss_fn(private(xt[start:start + CHUNK]).squeeze(-1), yt[start:start + CHUNK])
+                loss.backward()
+                n = min(CHUNK, len(yt) - start)
+                norms = torch.cat([p.grad_sample.reshape(n, -1) for p in params], dim=1).norm(dim=1)
+                factor = torch.clamp(c / (norms + 1e-12), max=1.0)
+                for acc, p in zip(total, params, strict=True):
+                    acc += torch.einsum("i,i...->...", factor, p.grad_sample)
+                loss_sum += float(loss.detach())
             with torch.no_grad():
-                for p in params:
-                    g = torch.einsum("i,i...->...", factor, p.grad_sample)
-                    p.add_(g, alpha=-hp.learning_rate / hp.batch_size)
+                for acc, p in zip(total, params, strict=True):
+                    p.add_(acc, alpha=-hp.learning_rate / hp.batch_size)
         finally:
             private._close()
-    return float(loss.detach()) / max(1, len(yt))
+    return loss_sum / max(1, len(yt))

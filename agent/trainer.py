@@ -52,7 +52,7 @@ def train_round(
     if plan.distributed:  # one step on the clipped gradient sum; its noise is added under the mask
         from agent.dpsgd import clipped_gradient_step
 
-        return clipped_gradient_step(model, data.x_train, data.y_train, spec)
+        return clipped_gradient_step(model, data.x_train, data.y_train, spec, should_stop)
     if plan.record is not None:
         from agent.dpsgd import train_dpsgd
 

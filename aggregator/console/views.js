@@ -7,8 +7,12 @@ const ENDED = new Set(["finished", "failed", "cancelled"]);
 const KNOWN_SITE_KEYS = new Set(["site", "state", "at"]);
 const jobLink = (id) => h("a", { href: `#/jobs/${encodeURIComponent(id)}` }, id);
 const needsAdmin = "needs an admin token (you are signed in as a viewer)";
-// Every ε is shown with its unit: per patient record (record-level DP-SGD) or per site (update-level DP).
-const UNIT_WORDS = { record: "per patient", site: "per site" };
+// Every ε is shown with its unit: per patient record (record-level DP-SGD) or per site (update-level DP); with
+// secure aggregation, beside it, what a site's own share of the noise guarantees alone.
+const UNIT_WORDS = {
+  record: "per patient", site: "per site",
+  record_alone: "per patient, own noise alone", site_alone: "per site, own noise alone",
+};
 const epsilonText = (eps, unit) => `ε ${num(eps, 2)} ${UNIT_WORDS[unit] ?? unit}`;
 
 function details(row) {

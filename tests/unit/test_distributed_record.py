@@ -14,6 +14,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from agent import dpsgd
 from agent.daemon import load_data
 from agent.data import load_site_data
 from agent.dpsgd import clipped_gradient_step
@@ -21,6 +22,7 @@ from agent.policy import SitePolicy, evaluate
 from agent.privacy import PrivacyEngine
 from agent.privacy_policy import BudgetPolicy, plan_privacy
 from agent.state import AgentState
+from agent.trainer import TrainingStoppedError
 from federation.jobs import JobSpec
 from federation.messages import EvalMetrics
 from federation.models import build_model, get_weights, set_weights
@@ -133,10 +135,17 @@ def test_a_site_steps_on_the_sum_of_its_records_clipped_gradients_without_noise(
     np.testing.assert_allclose(after["0.weight"].ravel() - w, step[:-1], atol=2e-6)
     np.testing.assert_allclose(after["0.bias"][0] - b, step[-1], atol=2e-6)
     assert loss == pytest.approx(float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p)))), rel=1e-4)
-    # Nothing random at the site while training: the same start gives the same step.
+    # Nothing random at the site while training: the same start gives the same step, in chunks of any size.
     set_weights(model, start)
-    clipped_gradient_step(model, d.x_train, d.y_train, SPEC)
-    assert all(np.array_equal(get_weights(model)[k], after[k]) for k in after)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dpsgd, "CHUNK", 7)
+        clipped_gradient_step(model, d.x_train, d.y_train, SPEC)
+    assert all(np.allclose(get_weights(model)[k], after[k], atol=1e-6) for k in after)
+    # Past the round's deadline it stops, and the model is left as it was.
+    set_weights(model, start)
+    with pytest.raises(TrainingStoppedError, match="stopped after 0 of"):
+        clipped_gradient_step(model, d.x_train, d.y_train, SPEC, should_stop=lambda: True)
+    assert all(np.array_equal(get_weights(model)[k], start[k]) for k in start)
 
 
 def test_a_sites_noise_share_is_added_under_the_mask_and_never_released_in_the_clear(
