@@ -36,6 +36,8 @@ from federation.secagg.job import model_dim
 from federation.tensors import decode, encode, frame_limit
 
 log = structlog.get_logger(__name__)
+LATE_REPORT_S = 300.0  # how long after a job ends a site's report of a missing round is still kept
+LATE_REPORT_ROWS = 1000  # and not once the ended job has this many rejections on record
 
 
 class RoundEngine(SecureSteps):
@@ -245,6 +247,8 @@ class RoundEngine(SecureSteps):
     async def _on_site_event(self, event: SiteEvent) -> None:
         runner = self._runners.get(event.job_id)
         with structlog.contextvars.bound_contextvars(job=event.job_id, site=event.site):
+            if runner is None and event.kind == "error" and await self._late_site_error(event):
+                return
             if runner is None or event.site not in runner.decisions:
                 log.info("site_event_ignored", kind=event.kind, reason="unknown job or site not in job")
                 return
@@ -276,6 +280,26 @@ class RoundEngine(SecureSteps):
                     await self._maybe_start(runner)
                 else:
                     await self._maybe_close(runner)
+
+    async def _late_site_error(self, event: SiteEvent) -> bool:
+        """Keep a site's report of a round it could not release that arrives once its job has ended: it says why
+        the round went missing, and a round stopped at its deadline is reported just as the job fails at that same
+        deadline. Only for a job that ended at most `LATE_REPORT_S` before, from a site it invited, up to
+        `LATE_REPORT_ROWS` rows; every replica hears the report, so an identical row already stored is not stored
+        again."""
+        job = await self._db(self._store.get_job, event.job_id)
+        if job is None or job.state in ACTIVE or event.at - job.updated_at > LATE_REPORT_S \
+                or not await self._db(self._store.invited, event.job_id, event.site):
+            return False
+        detail = "; ".join(event.reasons)
+        stored = await self._db(self._store.rejections, event.job_id, LATE_REPORT_ROWS)
+        if len(stored) < LATE_REPORT_ROWS and not any(
+                (r["round"], r["site"], r["reason"], r["detail"]) == (event.round, event.site, "site_error", detail)
+                for r in stored):
+            log.warning("site_error", round=event.round, reasons=event.reasons, job_state=job.state)
+            await self._db(self._store.add_rejection, event.job_id, event.round, event.site, "site_error", detail,
+                           event.at)
+        return True
 
     # ---------------------------------------------------------------- uploads
     async def receive_update(self, site: str, env: UpdateEnvelope, body: bytes) -> dict[str, Any]:

@@ -271,3 +271,40 @@ def test_bad_stored_rows_are_quarantined_and_the_aggregator_starts(fed: LocalFed
         ("updates", f"{job}/1/mallory"), ("evaluations", f"{job}/0/mallory"), ("sites", "eve")}
     assert metric(fed, "fedsilo_quarantined_rows_total") >= 3
     get(fed, "/api/v1/sites")
+
+
+def test_a_sites_report_after_its_job_ended_is_kept_once_and_only_for_an_invited_site(fed: LocalFederation) -> None:
+    """A round a site stopped at its deadline is reported as the job fails at that same deadline: the report still
+    says why the round went missing. A repeat is not a second row; a site the job never invited writes none."""
+    data = yaml.safe_load(EXAMPLE.read_text())
+    data.update(rounds=1, sites=["mallory"], min_sites=1, round_deadline_s=2, accept_deadline_s=30)
+    data["privacy"] = {"unit": "site", "clip_norm": 1.0, "noise_multiplier": 0.1, "delta": 1e-5}
+    job_id = fed.client.submit(yaml.safe_dump(data))
+
+    def report(site: str, why: str) -> None:
+        client = publisher(fed, site)
+        event = {"site": site, "job_id": job_id, "kind": "error", "round": 1, "reasons": [why], "at": time.time()}
+        client.publish(topics.events(site), json.dumps(event), qos=1).wait_for_publish(10)
+        client.loop_stop()
+        client.disconnect()
+
+    async def take_part() -> None:
+        mallory = Mallory(fed)
+        link = await mallory.join(job_id)
+        await mallory.wait_task(1)
+        await link.stop()  # and never uploads: the round reaches its deadline with nothing
+
+    asyncio.run(take_part())
+    assert fed.wait_job(job_id, timeout=60)["state"] == "failed"
+    report("eve", "not in this job")
+    report("mallory", "stopped at the round's deadline")
+    report("mallory", "stopped at the round's deadline")
+    report("mallory", "last")
+
+    def site_errors() -> list[tuple[str, str]]:
+        return sorted((r["site"], r["detail"]) for r in get(fed, f"/api/v1/rejections?job_id={job_id}")
+                      if r["reason"] == "site_error")
+
+    wait_for(lambda: ("mallory", "last") in site_errors(), within=30, what="mallory's last report")
+    time.sleep(1.0)  # the reports before it are handled by then too
+    assert site_errors() == [("mallory", "last"), ("mallory", "stopped at the round's deadline")]
