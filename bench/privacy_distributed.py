@@ -104,16 +104,17 @@ def search_distributed(console: Console, eps: float, repeats: int) -> None:
 
 
 def measure_distributed(console: Console, targets: list[float], seeds: int,
-                        configs: tuple[DistributedConfig, ...] = (DistributedConfig(), DistributedConfig(threshold=3))
-                        ) -> None:
+                        configs: tuple[DistributedConfig, ...] = (DistributedConfig(), DistributedConfig(threshold=3)),
+                        with_local: bool = True) -> None:
     """Distributed noise at each target and threshold, beside the local DP-SGD job (the example's) at the same
-    targets, all on the real deployment."""
+    targets unless `with_local` is off (the per-patient table has those rows already), on the real deployment."""
     jobs: dict[str, dict[str, Any]] = {}
     for eps in targets:
         for seed in range(seeds):
             for cfg in configs:
                 jobs[f"t{cfg.threshold}/{eps:g}/{seed}"] = distributed_job(eps, cfg, seed)
-            jobs[f"local/{eps:g}/{seed}"] = record_job(eps, CHOSEN, seed)
+            if with_local:
+                jobs[f"local/{eps:g}/{seed}"] = record_job(eps, CHOSEN, seed)
     t0 = time.monotonic()
     results = {r.label: r for r in run_jobs(jobs)}
     wall = time.monotonic() - t0
@@ -124,7 +125,8 @@ def measure_distributed(console: Console, targets: list[float], seeds: int,
         table.add_column(col, justify="left" if col in ("unit", "where the noise is") else "right")
     for eps in targets:
         rows = [(f"t{c.threshold}", f"secure sum, {c.text()}") for c in configs]
-        rows.append(("local", f"each site's DP-SGD, {CHOSEN.text()}"))
+        if with_local:
+            rows.append(("local", f"each site's DP-SGD, {CHOSEN.text()}"))
         for key, words in rows:
             runs = [results[f"{key}/{eps:g}/{seed}"] for seed in range(seeds)]
             spec = JobSpec.model_validate(jobs[f"{key}/{eps:g}/0"])

@@ -3,7 +3,8 @@
 **Per patient record** (`--unit record`, the default job's unit): each job states `privacy: {unit: record,
 target_epsilon: ε}`; each agent calibrates its own DP-SGD σ for its own record count, sampling rate and steps so that
 its ε per patient record over the whole job is at most ε (δ = 1e-5), trains with DP-SGD and sends its update clipped
-but without update-level noise. Targets ε ∈ {0.5, 1, 2, 4, 8}, 10 seeds each; code in `bench.privacy_record`.
+but without update-level noise. Targets ε ∈ {0.5, 1, 2, 4, 8}, 10 seeds each; code in `bench.privacy_record`. A
+second table runs the same targets with the noise in the secure sum instead (`bench.privacy_distributed`).
 
 **Per site** (`--unit site`): each job states `privacy.target_epsilon`; the system calibrates one update-level σ for
 the job's rounds with the RDP accountant (`federation.privacy.calibrate_noise`), each agent's policy checks and its
@@ -208,7 +209,10 @@ def run_record(console: Console, search: bool, targets: list[float], seeds: int)
     if search:
         search_record(console, held_out_sites(JobSpec.model_validate(example_job())), targets, seeds)
     else:
+        from bench.privacy_distributed import measure_distributed
+
         measure_record(console, targets, seeds)
+        measure_distributed(console, targets, seeds, with_local=False)  # the same unit, its noise in the sum
 
 
 def main(argv: list[str] | None = None) -> None:
