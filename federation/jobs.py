@@ -238,7 +238,8 @@ class JobSpec(Frozen):
     @classmethod
     def _calibrate(cls, data: Any) -> Any:
         """Resolve a site-unit `privacy.target_epsilon` to a noise multiplier for this job's rounds, once,
-        deterministically. (A record-unit target is per patient: each site calibrates its own DP-SGD σ.)"""
+        deterministically; the same for a per-patient target with the noise in the secure sum (one σ for every
+        site). (A per-patient target with local DP-SGD: each site calibrates its own σ for its own records.)"""
         privacy = data.get("privacy") if isinstance(data, dict) else None
         if not isinstance(privacy, dict) or privacy.get("target_epsilon") is None:
             return data
@@ -291,6 +292,9 @@ class JobSpec(Frozen):
             raise ValueError("record_noise: distributed takes one gradient step of the built-in logistic or MLP "
                              "model per round: it needs aggregation fedavg and no registered trainer")
         hp = self.hyperparameters
+        if hp.epochs != 1 or hp.max_steps is not None:
+            raise ValueError("record_noise: distributed takes one gradient step over every record per round: "
+                             "epochs and max_steps do not apply (use more rounds)")
         if hp.optimizer != "sgd" or hp.momentum or hp.weight_decay:
             raise ValueError("record_noise: distributed takes plain gradient steps: optimizer sgd, no momentum, "
                              "no weight decay")

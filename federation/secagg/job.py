@@ -19,7 +19,8 @@ def model_dim(template: Weights) -> int:
 def job_quantization(spec: JobSpec, dim: int) -> quantize.Quantization:
     """The job's quantization, the same at every site and at the aggregator (sums need one scale). Sized for every
     site the job lists (a bound on the roster) and for the job's update-level σ, whether or not a given site adds
-    update-level noise (a record-level job's sites add it only where their policy requires the site unit)."""
+    update-level noise (a record-level job's sites add it only where their policy requires the site unit). With
+    distributed per-patient noise, the σ is the job's per-patient one and the sensitivity one record's step."""
     p = spec.privacy
     if p.record_noise == "distributed":
         assert p.record_noise_multiplier is not None and p.record_clip_norm is not None  # PrivacySpec checks

@@ -66,6 +66,8 @@ def site_policy(site: str, files: dict[str, Path], **privacy: Any) -> SitePolicy
 @pytest.mark.parametrize(("change", "words"), [
     ({"secure_aggregation": None}, "needs secure_aggregation"),
     ({"hyperparameters": {"optimizer": "adam"}}, "optimizer sgd"),
+    ({"hyperparameters": {"epochs": 5}}, "epochs and max_steps do not apply"),
+    ({"hyperparameters": {"max_steps": 3}}, "epochs and max_steps do not apply"),
     ({"hyperparameters": {"momentum": 0.9}}, "no momentum"),
     ({"hyperparameters": {"weight_decay": 0.01}}, "no weight decay"),
     ({"trainer": "fedml-logreg"}, "no registered trainer"),
