@@ -329,7 +329,8 @@ def _secagg_paths() -> dict[str, Any]:
             {"200": _json(_ref(UnmaskWork), "the work"), "202": pending, **_errors(401, 403, 404, 409, 503)},
             security=SITE, tag="sites", parameters=[JOB_ID, ROUND, wait])},
         f"{base}/reveal": {"post": _op(
-            "Post the opened shares the unmask request asked of the caller",
+            "Post the opened shares the unmask request asked of the caller (409 late_update: the round was "
+            "unmasked with other survivors' reveals already; not recorded as a rejection)",
             {"200": _json(_ref(UploadAck), "stored durably"), **_errors(400, 401, 403, 404, 409, 503)},
             security=SITE, tag="sites", parameters=[JOB_ID, ROUND],
             body={"required": True, "content": {"application/json": {"schema": _ref(Reveal)}}})},
