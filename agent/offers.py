@@ -4,6 +4,7 @@ accepted job reloaded after a restart, or stopped when its data became unavailab
 from __future__ import annotations
 
 import asyncio
+import math
 
 import structlog
 
@@ -56,9 +57,13 @@ class Offers:
                 s.jobs[offer.job_id] = ActiveJob(spec, data, decision.plan)
             log.info("job_decision", decision=verdict, reasons=decision.reasons, unit=spec.privacy.unit,
                      epsilon=decision.planned)
-            s.event(offer.job_id, verdict, decision.reasons, epsilon_planned=decision.epsilon_planned,
-                    planned=decision.planned if decision.accepted else {},
-                    **self._share_key(offer.job_id, spec, verdict))
+            # A job without noise (allow_no_noise, where a policy permits it) has no guarantee: its ε is ∞ here and
+            # absent on the wire, which carries finite numbers only.
+            planned = {u: e for u, e in decision.planned.items() if math.isfinite(e)}
+            eps = decision.epsilon_planned
+            s.event(offer.job_id, verdict, decision.reasons,
+                    epsilon_planned=eps if eps is not None and math.isfinite(eps) else None,
+                    planned=planned if decision.accepted else {}, **self._share_key(offer.job_id, spec, verdict))
 
     def _share_key(self, job_id: str, spec: JobSpec, verdict: str) -> dict[str, str]:
         """An accepted secure-aggregation job's answer carries the site's share key for the job (the same one every

@@ -1,5 +1,6 @@
-"""A secure job through the agent's own `Offers` and `Rounds` (real policy, data, training, ledger), with a scripted
-aggregator: the accept carries the share key (the same when repeated); a round shares, trains, masks and uploads,
+"""A job through the agent's own `Offers` and `Rounds` (real policy, data, training, ledger), with a scripted
+aggregator: a noise-free job a policy permits is answered with no ε (not ∞); a secure job's accept carries the
+share key (the same when repeated); a round shares, trains, masks and uploads,
 then reveals in the background; a site left out of the roster releases and is charged nothing; a restart after the
 upload still reveals, without training or sharing again."""
 
@@ -135,6 +136,25 @@ def test_accepting_a_secure_job_sends_the_same_share_key_every_time(tmp_path: Pa
                                              issued_at=time.time(), expires_at=time.time() + 60,
                                              nonce=secrets.token_hex(16))))
     assert gate.events[-1].kind == "accepted" and gate.events[-1].share_key is None
+
+
+def test_a_noise_free_job_that_the_policy_permits_is_answered_with_no_epsilon(tmp_path: Path,
+                                                                             data_files: dict[str, Path]) -> None:
+    gate = ScriptedAggregator()
+    site = make_site(tmp_path, gate, data_files)
+    site.policy = site.policy.model_copy(update={"privacy": site.policy.privacy.model_copy(update={
+        "min_noise_multiplier": 0.0, "max_epsilon_per_job": float("inf"),
+        "budgets": {"heart-disease": site.policy.privacy.budgets["heart-disease"].model_copy(
+            update={"epsilon": float("inf")})}})})
+    free = SPEC.model_copy(update={"secure_aggregation": None, "privacy": SPEC.privacy.model_copy(update={
+        "unit": "site", "noise_multiplier": 0.0, "allow_no_noise": True, "record_clip_norm": None,
+        "target_epsilon": None})})
+    asyncio.run(Offers(site).handle(JobOffer(job_id="job-free", spec=free, requester="operator",
+                                             issued_at=time.time(), expires_at=time.time() + 60,
+                                             nonce=secrets.token_hex(16))))
+    [answer] = gate.events
+    assert (answer.kind, answer.epsilon_planned, answer.planned) == ("accepted", None, {}), answer.reasons
+    assert "job-free" in site.jobs
 
 
 @pytest.mark.parametrize("answer_roster", [False, True], ids=["roster-polled", "roster-with-the-shares-answer"])
