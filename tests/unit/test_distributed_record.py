@@ -33,6 +33,7 @@ from federation.secagg.job import divisor, job_quantization, record_step_norm, w
 from federation.secagg.masking import to_signed
 from federation.tensors import decode
 from fedsilo.datasets import split_by_center
+from tests.example_policies import site_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "heart-disease.yaml").read_text())
@@ -55,12 +56,6 @@ SPEC = JobSpec.model_validate(distributed())
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return split_by_center(tmp_path_factory.mktemp("data"))
-
-
-def site_policy(site: str, files: dict[str, Path], **privacy: Any) -> SitePolicy:
-    p = SitePolicy.load(ROOT / "policies" / "examples" / f"{site}.yaml")
-    ds = p.datasets["heart-disease"].model_copy(update={"path": files[site]})
-    return p.model_copy(update={"datasets": {"heart-disease": ds}, "privacy": p.privacy.model_copy(update=privacy)})
 
 
 @pytest.mark.parametrize(("change", "words"), [

@@ -39,6 +39,7 @@ from federation.models import build_model, get_weights, set_weights
 from federation.privacy import epsilon_for
 from federation.tensors import decode, encode, l2_norm, sha256_hex
 from fedsilo.datasets import split_by_center
+from tests.example_policies import site_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 JOB: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "heart-disease.yaml").read_text())
@@ -54,13 +55,6 @@ def job(**privacy: Any) -> JobSpec:
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return split_by_center(tmp_path_factory.mktemp("data"))
-
-
-def site_policy(site: str, files: dict[str, Path], **privacy: Any) -> SitePolicy:
-    p = SitePolicy.load(ROOT / "policies" / "examples" / f"{site}.yaml")
-    ds = p.datasets["heart-disease"].model_copy(update={"path": files[site]})
-    return p.model_copy(update={"datasets": {"heart-disease": ds},
-                                "privacy": p.privacy.model_copy(update=privacy)})
 
 
 def decide(policy: SitePolicy, spec: JobSpec, spent: dict[str, float] | None = None) -> Any:
